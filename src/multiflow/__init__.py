@@ -1,0 +1,11 @@
+"""multiflow: modality-aware information-flow pruning (MULTIFLOW, CVPR 2024) for vision-language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from multiflow.api import compute_distribution, compute_distributions  # noqa: E402
+from multiflow.distribution import Distribution, LayerShare  # noqa: E402
+from multiflow.errors import MultiflowError  # noqa: E402
+
+__all__ = ["Distribution", "LayerShare", "MultiflowError", "compute_distribution", "compute_distributions", "__version__"]

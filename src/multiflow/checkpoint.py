@@ -1,0 +1,227 @@
+"""Read a checkpoint folder tensor by tensor, without building the model.
+
+safetensors files are opened by their header (an 8-byte length, then JSON with
+each tensor's dtype, shape and byte range, per the format's specification) and
+each wanted tensor is read with plain `readinto` into a fresh buffer. This keeps
+resident memory at a few tensors whatever the model size (a memory map would
+count every touched page), and lets a background thread read the next tensor
+while the caller works on the current one.
+
+Pickled weights (`.bin`, `.pt`) are refused unless the caller allows them; then
+they are loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from multiflow.errors import MultiflowError
+
+_SAFETENSORS_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a checkpoint: its key, dtype, shape and how to read it."""
+
+    key: str
+    dtype: torch.dtype | str  # a str names a dtype torch cannot hold here
+    shape: tuple[int, ...]
+    file: Path
+    begin: int | None = None  # byte range for safetensors; None for pickled
+    end: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MultiflowError(f"model folder {folder} does not exist or is not a folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MultiflowError(f"{folder} has no config.json: point --model at a checkpoint folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MultiflowError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise MultiflowError(f"{path} does not hold a JSON object")
+    return config
+
+
+def safetensors_header(path: Path) -> list[TensorEntry]:
+    """Parse and check a safetensors header; every error names the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise MultiflowError(f"{path} is truncated (no safetensors header)")
+            (length,) = struct.unpack("<Q", raw)
+            if length > min(_MAX_HEADER, size - 8):
+                raise MultiflowError(f"{path} is truncated or not a safetensors file (header length {length})")
+            header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MultiflowError(f"{path} is corrupt: its safetensors header is not valid JSON") from exc
+    except OSError as exc:
+        raise MultiflowError(f"cannot read {path}: {exc.strerror}") from exc
+    data_start = 8 + length
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MultiflowError(f"{path} is corrupt: bad header entry for {key!r}") from exc
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
+        entry = TensorEntry(key, dtype, shape, path, data_start + begin, data_start + end)
+        itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else None
+        if itemsize is not None and end - begin != entry.numel * itemsize:
+            raise MultiflowError(f"{path} is corrupt: {key!r} has {end - begin} bytes for shape {list(shape)}")
+        if entry.end > size:
+            raise MultiflowError(
+                f"{path} is truncated: {key!r} ends at byte {entry.end} but the file has {size} bytes"
+            )
+        entries.append(entry)
+    return entries
+
+
+def list_tensors(folder: Path, allow_pickle: bool = False) -> list[TensorEntry]:
+    """Every tensor of the checkpoint in `folder`, in file order."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise MultiflowError(f"{index} is not a valid safetensors index (needs 'weight_map')") from exc
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise MultiflowError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        entries = [e for name in files for e in safetensors_header(folder / name)]
+        absent = sorted(set(weight_map) - {e.key for e in entries})
+        if absent:
+            raise MultiflowError(f"{index} lists {len(absent)} tensors not found in the shards, e.g. {absent[0]}")
+        return entries
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return [e for path in files for e in safetensors_header(path)]
+    pickled = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    if pickled:
+        if not allow_pickle:
+            raise MultiflowError(
+                f"{folder} holds only pickled weights ({pickled[0].name}); pickles can run code when loaded. "
+                "Convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
+            )
+        return [e for path in pickled for e in _pickle_entries(path)]
+    raise MultiflowError(f"{folder} has no weights (*.safetensors, or pickled *.bin with --allow-pickle)")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise MultiflowError(f"cannot load {path} with weights_only=True: {exc}") from exc
+    if not isinstance(state, dict):
+        raise MultiflowError(f"{path} does not hold a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _pickle_entries(path: Path) -> list[TensorEntry]:
+    return [TensorEntry(k, v.dtype, tuple(v.shape), path) for k, v in _load_pickle(path).items()]
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor into fresh memory (no memory map)."""
+    if not isinstance(entry.dtype, torch.dtype):
+        raise MultiflowError(f"{entry.file}: tensor {entry.key!r} has dtype {entry.dtype}, which torch cannot read")
+    if entry.begin is None:
+        return _load_pickle(entry.file)[entry.key].clone()
+    buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+    with open(entry.file, "rb", buffering=0) as f:
+        f.seek(entry.begin)
+        view = memoryview(buffer.numpy())
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise MultiflowError(f"{entry.file} is truncated while reading {entry.key!r}")
+            got += n
+    return buffer.view(entry.dtype).reshape(entry.shape)
+
+
+def read_tensors(
+    entries: list[TensorEntry], prefetch: int = 2, reader: Callable[[TensorEntry], torch.Tensor] = read_tensor
+) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Yield (entry, tensor) in order while a thread reads up to `prefetch` ahead.
+
+    Reading releases the GIL, so disk I/O overlaps with the caller's work. At
+    most prefetch + 1 tensors are held at once. An error in the reader is
+    raised here, in order.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def work() -> None:
+        for entry in entries:
+            if stop.is_set():
+                return
+            try:
+                item = (entry, reader(entry), None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                item = (entry, None, exc)
+            while not stop.is_set():
+                try:
+                    slots.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    thread = threading.Thread(target=work, name="multiflow-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in entries:
+            entry, tensor, exc = slots.get()
+            if exc is not None:
+                raise exc
+            yield entry, tensor
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,285 @@
+"""Step 1: the per-layer sparsity each modality can afford (paper Eq. 7).
+
+For each modality m with N_m prunable weights: k_m = floor(N_m * s), tau_m =
+the k_m-th smallest |W| over the whole modality (1-based, as torch.kthvalue),
+and each layer's sparsity is count(|W_l| <= tau_m) / numel(W_l). The k-th value
+is found exactly from bit-pattern histograms (see `selection`), one pass over
+the weights for float16/bfloat16 (any number of targets at once), plus one pass
+over the boundary bins for float32.
+
+`Distribution` is the one object later steps read: per layer its modality,
+size and exact pruned count, plus modality statistics; written and read as the
+seed's `sparsity_distribution_<s>.json` with a `meta` block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from multiflow import selection
+from multiflow.errors import MultiflowError
+from multiflow.layers import Inventory, Layer
+
+STAT_FIELDS = (
+    "num_layers",
+    "total_params",
+    "pruned_params",
+    "actual_sparsity",
+    "min_layer_sparsity",
+    "max_layer_sparsity",
+    "mean_layer_sparsity",
+    "std_layer_sparsity",
+)
+
+
+@dataclass(frozen=True)
+class LayerShare:
+    """One layer's part of a distribution: its modality, size and exact pruned count."""
+
+    modality: str
+    numel: int
+    pruned: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel
+
+
+@dataclass
+class Distribution:
+    """`{layer name: sparsity}` with exact counts, per-modality thresholds and metadata."""
+
+    target_sparsity: float
+    layers: dict[str, LayerShare]
+    modalities: tuple[str, ...]  # every modality of the rules, also empty ones
+    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_target(self.target_sparsity)
+        for name, share in self.layers.items():
+            if share.modality not in self.modalities:
+                raise MultiflowError(f"layer {name}: modality {share.modality!r} not in {list(self.modalities)}")
+            if not 0 <= share.pruned <= share.numel or share.numel <= 0:
+                raise MultiflowError(f"layer {name}: pruned count {share.pruned} outside 0..{share.numel}")
+
+    @property
+    def layer_sparsity(self) -> dict[str, float]:
+        return {name: share.sparsity for name, share in self.layers.items()}
+
+    def modality_layers(self, modality: str) -> dict[str, LayerShare]:
+        return {n: s for n, s in self.layers.items() if s.modality == modality}
+
+    def modality_stats(self) -> dict[str, dict[str, float | int]]:
+        """The seed's eight fields per modality that has prunable layers (population std)."""
+        stats = {}
+        for modality in self.modalities:
+            shares = list(self.modality_layers(modality).values())
+            if not shares:
+                continue
+            values = [s.sparsity for s in shares]
+            total = sum(s.numel for s in shares)
+            pruned = sum(s.pruned for s in shares)
+            stats[modality] = {
+                "num_layers": len(shares),
+                "total_params": total,
+                "pruned_params": pruned,
+                "actual_sparsity": pruned / total,
+                "min_layer_sparsity": min(values),
+                "max_layer_sparsity": max(values),
+                "mean_layer_sparsity": statistics.fmean(values),
+                "std_layer_sparsity": statistics.pstdev(values),
+            }
+        return stats
+
+    def to_json(self) -> dict[str, Any]:
+        meta = dict(self.meta)
+        meta["modalities"] = list(self.modalities)
+        meta["thresholds"] = self.thresholds
+        meta["layers"] = {n: {"modality": s.modality, "numel": s.numel, "pruned": s.pruned} for n, s in self.layers.items()}
+        return {
+            "target_sparsity": self.target_sparsity,
+            "modality_stats": self.modality_stats(),
+            "layer_distribution": self.layer_sparsity,
+            "meta": meta,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "distribution") -> "Distribution":
+        try:
+            meta = dict(data["meta"])
+            layers = {
+                name: LayerShare(str(v["modality"]), int(v["numel"]), int(v["pruned"]))
+                for name, v in meta.pop("layers").items()
+            }
+            modalities = tuple(meta.pop("modalities"))
+            thresholds = meta.pop("thresholds", {})
+            target = float(data["target_sparsity"])
+            listed = data["layer_distribution"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MultiflowError(f"{where} is not a multiflow distribution (missing or bad {exc})") from exc
+        if set(listed) != set(layers):
+            raise MultiflowError(f"{where}: layer_distribution and meta.layers name different layers")
+        for name, share in layers.items():
+            if listed[name] != share.sparsity:
+                raise MultiflowError(f"{where}: layer {name} sparsity {listed[name]} disagrees with its counts")
+        return cls(target, layers, modalities, thresholds, meta)
+
+    def save(self, path: str | Path) -> Path:
+        return write_atomic(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Distribution":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MultiflowError(f"cannot read distribution {path}: {exc}") from exc
+        return cls.from_json(data, str(path))
+
+
+def write_atomic(path: Path, content: str | bytes) -> Path:
+    """Write to a temporary file beside `path`, then rename: no partial file on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_target(value: Any) -> float:
+    """A target sparsity: a real number in [0, 1)."""
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise MultiflowError(f"target sparsity {value!r} is not a number; give a value in [0, 1), e.g. 0.5") from None
+    if isinstance(value, bool) or math.isnan(s) or not 0 <= s < 1:
+        raise MultiflowError(f"target sparsity {value!r} is outside [0, 1); give e.g. 0.5 for 50%")
+    return s
+
+
+@dataclass
+class _Boundary:
+    """Where the k-th smallest key of one modality lies, for one target."""
+
+    k: int
+    coarse_bin: int = -1
+    rank: int = 0  # k's rank inside coarse_bin (1-based)
+    fine_bin: int = -1  # resolved second level (two-level key spaces only)
+
+
+def distribute(inventory: Inventory, targets: Iterable[float], progress: bool = True) -> list[Distribution]:
+    """Step 1 for every target at once, from one read of the weights (two for float32)."""
+    targets = [check_target(t) for t in targets]
+    if not targets:
+        raise MultiflowError("give at least one target sparsity")
+    groups = {m: ls for m, ls in inventory.by_modality().items() if ls}
+    spaces = {m: selection.key_space_for({layer.dtype for layer in ls}) for m, ls in groups.items()}
+
+    coarse: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=sum(l.numel for l in inventory.layers), unit="w", unit_scale=True,
+               desc="Step 1: |W| histograms", disable=not progress)
+    with bar:
+        for layer, weight in inventory.read():
+            space = spaces[layer.modality]
+            hist = selection.coarse_histogram(weight, space)
+            if int(hist[space.nonfinite_key >> space.shift :].sum()):
+                raise MultiflowError(f"layer {layer.name} contains NaN or inf weights; fix the checkpoint first")
+            coarse[layer.name] = hist.to(torch.int32) if layer.numel < 2**31 else hist
+            bar.update(layer.numel)
+
+    boundaries: dict[tuple[float, str], _Boundary] = {}
+    for s in targets:
+        for m, layers in groups.items():
+            total = sum(l.numel for l in layers)
+            b = _Boundary(k=math.floor(total * s))
+            if b.k > 0:
+                summed = torch.stack([coarse[l.name].to(torch.int64) for l in layers]).sum(0)
+                b.coarse_bin, b.rank = selection.locate(summed, b.k)
+            boundaries[(s, m)] = b
+
+    fine = _fine_pass(inventory, groups, spaces, boundaries, progress)
+
+    distributions = []
+    for s in targets:
+        shares, thresholds = {}, {}
+        for m, layers in groups.items():
+            space, b = spaces[m], boundaries[(s, m)]
+            if b.k == 0:
+                thresholds[m] = {"k": 0, "threshold": None, "threshold_key": None, "key_dtype": _dtype_name(space.dtype)}
+                shares.update({l.name: LayerShare(m, l.numel, 0) for l in layers})
+                continue
+            if space.two_level:
+                summed = sum(fine[(l.name, b.coarse_bin)] for l in layers)
+                b.fine_bin, _ = selection.locate(summed, b.rank)
+                key = (b.coarse_bin << space.shift) | b.fine_bin
+            else:
+                key = b.coarse_bin
+            for l in layers:
+                if space.two_level:
+                    pruned = selection.count_through(coarse[l.name], b.coarse_bin - 1) + selection.count_through(
+                        fine[(l.name, b.coarse_bin)], b.fine_bin
+                    )
+                else:
+                    pruned = selection.count_through(coarse[l.name], key)
+                shares[l.name] = LayerShare(m, l.numel, pruned)
+            thresholds[m] = {"k": b.k, "threshold": space.value(key), "threshold_key": key,
+                             "key_dtype": _dtype_name(space.dtype)}
+        ordered = {l.name: shares[l.name] for l in inventory.layers}
+        distributions.append(Distribution(s, ordered, inventory.rules.modalities, thresholds, _meta(inventory, groups)))
+    return distributions
+
+
+def _fine_pass(inventory, groups, spaces, boundaries, progress) -> dict[tuple[str, int], torch.Tensor]:
+    """Second-level histograms of the boundary bins, for float32 key spaces only."""
+    wanted: dict[str, set[int]] = {}
+    for (s, m), b in boundaries.items():
+        if b.k > 0 and spaces[m].two_level:
+            for layer in groups[m]:
+                wanted.setdefault(layer.name, set()).add(b.coarse_bin)
+    if not wanted:
+        return {}
+    layers = [l for l in inventory.layers if l.name in wanted]
+    fine = {}
+    bar = tqdm(total=sum(l.numel for l in layers), unit="w", unit_scale=True,
+               desc="Step 1: float32 boundary bins", disable=not progress)
+    with bar:
+        for layer, weight in inventory.read(layers):
+            for coarse_bin in sorted(wanted[layer.name]):
+                fine[(layer.name, coarse_bin)] = selection.fine_histogram(weight, spaces[layer.modality], coarse_bin)
+            bar.update(layer.numel)
+    return fine
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _meta(inventory: Inventory, groups: dict[str, list[Layer]]) -> dict[str, Any]:
+    from multiflow import __version__
+
+    return {
+        "tool": "multiflow",
+        "version": __version__,
+        "model": inventory.model_path,
+        "naming": inventory.naming,
+        "rules": inventory.rules.to_dict(),
+        "weight_dtypes": {m: sorted({_dtype_name(l.dtype) for l in ls}) for m, ls in groups.items()},
+        "std": "population (ddof=0) over layers",
+        "notes": list(inventory.notes),
+    }

@@ -1,0 +1,206 @@
+"""The prunable layers of a model, by modality, from a checkpoint folder or an nn.Module.
+
+Both roads end in the same `Inventory`: module names (as the installed
+transformers names them, or the original LLaVA repository's names), their
+modality, shape and dtype, and a way to read their weights in order. Step 1
+and later steps see only the inventory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from multiflow.checkpoint import TensorEntry, list_tensors, read_config, read_tensors
+from multiflow.errors import MultiflowError
+from multiflow.modality_rules import Family, ModalityRules, Rule, family_for, load_rules_file
+
+PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Keys of a full CLIPModel folder that are not part of a LLaVA vision tower.
+_CLIP_NOT_VISION = re.compile(r"^(text_model\.|text_projection|visual_projection|logit_scale)")
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    modality: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # str: a safetensors dtype torch cannot hold
+    handle: Any  # TensorEntry for a checkpoint, the weight Parameter for a module
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class Inventory:
+    """Prunable layers (in model order) and everything else, classified."""
+
+    rules: ModalityRules
+    naming: str
+    layers: list[Layer]
+    skipped: list[tuple[str, int, Rule]] = field(default_factory=list)  # (name, numel, rule)
+    other_params: int = 0  # biases, norms, convolutions, buffers: never candidates
+    notes: list[str] = field(default_factory=list)
+    model_path: str | None = None
+    reader: Callable[[list[Layer]], Iterator[tuple[Layer, torch.Tensor]]] | None = None
+
+    def read(self, layers: list[Layer] | None = None) -> Iterator[tuple[Layer, torch.Tensor]]:
+        """Yield (layer, weight) for `layers` (default all), in the given order."""
+        assert self.reader is not None
+        return self.reader(self.layers if layers is None else layers)
+
+    def by_modality(self) -> dict[str, list[Layer]]:
+        groups: dict[str, list[Layer]] = {m: [] for m in self.rules.modalities}
+        for layer in self.layers:
+            groups.setdefault(layer.modality, []).append(layer)
+        return groups
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _classify(
+    rules: ModalityRules, candidates: list[tuple[str, tuple[int, ...], torch.dtype, Any]]
+) -> tuple[list[Layer], list[tuple[str, int, Rule]]]:
+    """Apply the rules; order layers by (rule position, natural name order)."""
+    layers, skipped, unmatched = [], [], []
+    order = {rule: i for i, rule in enumerate(rules.rules)}
+    keyed = []
+    for name, shape, dtype, handle in candidates:
+        rule = rules.classify(name)
+        numel = shape[0] * shape[1]
+        if rule is None:
+            unmatched.append(name)
+        elif rule.group == "skip":
+            skipped.append((name, numel, rule))
+        else:
+            keyed.append(((order[rule], _natural(name)), Layer(name, rule.group, shape, dtype, handle)))
+    if unmatched:
+        shown = ", ".join(unmatched[:8]) + (f" and {len(unmatched) - 8} more" if len(unmatched) > 8 else "")
+        raise MultiflowError(
+            f"{len(unmatched)} linear weight(s) match no modality rule of {rules.name!r}: {shown}. "
+            "Add rules for them with --rules FILE (group vision, text, fusion or skip)"
+        )
+    for _, layer in sorted(keyed, key=lambda item: item[0]):
+        if layer.dtype not in PRUNABLE_DTYPES:
+            raise MultiflowError(
+                f"layer {layer.name} has dtype {layer.dtype}; multiflow prunes float16, bfloat16 and float32 weights"
+            )
+        layers.append(layer)
+    return layers, skipped
+
+
+def _resolve_rules(config: dict[str, Any], rules: Any, where: str) -> tuple[ModalityRules, Family | None, tuple]:
+    """Rules from the argument (file path or object) or the family preset of `config`."""
+    family = family_for(config)
+    if isinstance(rules, ModalityRules):
+        return rules, family, family.renames if family else ()
+    if rules is not None:
+        loaded, renames = load_rules_file(rules)
+        return loaded, family, renames or (family.renames if family else ())
+    if family is None:
+        raise MultiflowError(
+            f"{where}: unknown architecture (model_type {config.get('model_type')!r}, "
+            f"architectures {config.get('architectures')}); pass --rules FILE to group its layers by modality"
+        )
+    return family.rules, family, family.renames
+
+
+def _module_name(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in renames:
+        renamed, n = re.subn(pattern, replacement, key, count=1)
+        if n:
+            return renamed
+    return key
+
+
+def from_checkpoint(
+    folder: str | Path,
+    rules: str | Path | ModalityRules | None = None,
+    vision_tower: str | Path | None = None,
+    allow_pickle: bool = False,
+    prefetch: int = 2,
+) -> Inventory:
+    """Inventory of a checkpoint folder, read from its headers only."""
+    folder = Path(folder)
+    config = read_config(folder)
+    ruleset, family, renames = _resolve_rules(config, rules, str(folder))
+    naming = family.naming if family else "checkpoint"
+    weighted: list[tuple[str, TensorEntry]] = []  # (module name, entry)
+    for entry in list_tensors(folder, allow_pickle):
+        weighted.append((_module_name(entry.key.removesuffix(".weight"), renames), entry))
+    notes = []
+    if family is not None and family.vision_tower_prefix:
+        has_vision = any(ruleset.classify(name) and ruleset.classify(name).group == "vision"
+                         for name, e in weighted if e.key.endswith(".weight") and len(e.shape) == 2)
+        if vision_tower is not None:
+            if has_vision:
+                raise MultiflowError(f"{folder} already contains vision tower weights; drop --vision-tower")
+            vt = Path(vision_tower)
+            read_config(vt)
+            for entry in list_tensors(vt, allow_pickle):
+                if _CLIP_NOT_VISION.match(entry.key):
+                    continue
+                stem = entry.key.removesuffix(".weight").removeprefix("vision_model.")
+                weighted.append((family.vision_tower_prefix + stem, entry))
+            notes.append(f"vision tower weights read from {vt}")
+        elif not has_vision:
+            named = config.get(family.vision_tower_config_key or "", "a CLIP checkpoint")
+            notes.append(
+                f"VISION TOWER MISSING: {folder} does not contain the vision tower weights (config names "
+                f"{named}); the vision modality has no layers. Pass --vision-tower PATH to a local copy of it "
+                "to include the vision tower"
+            )
+    elif vision_tower is not None:
+        raise MultiflowError(
+            "--vision-tower applies to original-layout LLaVA checkpoints (config with mm_vision_tower); "
+            f"{folder} is a {naming} layout that carries its own vision tower"
+        )
+    candidates, other = [], 0
+    for name, entry in weighted:
+        if entry.key.endswith(".weight") and len(entry.shape) == 2:
+            candidates.append((name, entry.shape, entry.dtype, entry))
+        else:
+            other += entry.numel
+    layers, skipped = _classify(ruleset, candidates)
+
+    def reader(wanted: list[Layer]) -> Iterator[tuple[Layer, torch.Tensor]]:
+        by_entry = {id(layer.handle): layer for layer in wanted}
+        for entry, tensor in read_tensors([layer.handle for layer in wanted], prefetch=prefetch):
+            yield by_entry[id(entry)], tensor
+
+    return Inventory(ruleset, naming, layers, skipped, other, notes, str(folder), reader)
+
+
+def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = None) -> Inventory:
+    """Inventory of an in-memory model: its nn.Linear layers by module name."""
+    config_obj = getattr(model, "config", None)
+    config = config_obj.to_dict() if hasattr(config_obj, "to_dict") else {}
+    config.setdefault("architectures", None)
+    config["architectures"] = list(config.get("architectures") or ()) + [type(model).__name__]
+    ruleset, family, _ = _resolve_rules(config, rules, type(model).__name__)
+    linear_params = set()
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            weight = module.weight
+            candidates.append((name, tuple(weight.shape), weight.dtype, weight))
+            linear_params.add(id(weight))
+    other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
+    layers, skipped = _classify(ruleset, candidates)
+
+    def reader(wanted: list[Layer]) -> Iterator[tuple[Layer, torch.Tensor]]:
+        for layer in wanted:
+            yield layer, layer.handle.detach().cpu()
+
+    naming = family.naming if family else "module"
+    return Inventory(ruleset, naming, layers, skipped, other, [], None, reader)

@@ -1,0 +1,272 @@
+"""Which layer belongs to which modality: ordered rules, with presets per model family.
+
+A rule is a regular expression over a module name (the weight's name without
+`.weight`) and a group: `vision`, `text`, `fusion` or `skip`. The first rule
+whose pattern is found in the name decides. Families are plain data, looked up
+from a checkpoint's `config.json` (`model_type`, `architectures`, keys); no
+algorithm asks which model it is looking at.
+
+Before any family rule, the never-prunable rules of ALGORITHM.md apply:
+embeddings and the output head are skipped whatever the family says (biases
+and norms are never candidates: only 2-D `.weight` tensors are).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from multiflow.errors import MultiflowError
+
+GROUPS = ("vision", "text", "fusion", "skip")
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    group: str
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise MultiflowError(
+                f"rule {self.pattern!r}: group {self.group!r} is not one of {', '.join(GROUPS)}"
+            )
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise MultiflowError(f"rule {self.pattern!r} is not a valid regular expression: {exc}") from exc
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"pattern": self.pattern, "group": self.group}
+        if self.why:
+            out["why"] = self.why
+        return out
+
+
+NEVER_PRUNED = (
+    Rule(r"(^|\.)lm_head$", "skip", "output head"),
+    Rule(r"(^|\.)[^.]*embed[^.]*$", "skip", "embedding"),
+    Rule(r"(^|\.)[^.]*norm[^.]*$", "skip", "normalisation"),
+)
+
+
+@dataclass(frozen=True)
+class ModalityRules:
+    """Ordered rules plus the modalities they define (in report order)."""
+
+    name: str
+    modalities: tuple[str, ...]
+    rules: tuple[Rule, ...]
+
+    def classify(self, module_name: str) -> Rule | None:
+        for rule in NEVER_PRUNED + self.rules:
+            if re.search(rule.pattern, module_name):
+                return rule
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "modalities": list(self.modalities),
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to recognise it, name its weights and group its layers.
+
+    `renames` turn checkpoint keys of every layout the family has into module
+    names; the first pattern that matches wins (`re.sub`, once).
+    `vision_tower_prefix`, when set, is where the weights of a separate CLIP
+    folder (`--vision-tower`) are placed.
+    """
+
+    rules: ModalityRules
+    naming: str
+    model_types: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    vision_tower_prefix: str | None = None
+    vision_tower_config_key: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.rules.name
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        if any(key in config for key in self.config_keys):
+            return True
+        if set(config.get("architectures") or ()) & set(self.architectures):
+            return True
+        return config.get("model_type") in self.model_types
+
+
+_LLAVA_RULES = (
+    Rule(r"^model\.vision_tower\.", "vision", "CLIP vision tower"),
+    Rule(r"^model\.multi_modal_projector\.", "fusion", "projector maps image features into the LLM"),
+    Rule(r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+)
+
+# transformers 4.x hub names, 5.x save_pretrained names and in-memory names.
+_LLAVA_RENAMES = (
+    (r"^language_model\.lm_head$", "lm_head"),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.", "model.language_model."),
+    (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^image_newline$", "model.image_newline"),
+)
+
+FAMILIES: tuple[Family, ...] = (
+    # The original LLaVA repository (haotian-liu/LLaVA): its own module names.
+    Family(
+        rules=ModalityRules(
+            "llava-original",
+            ("vision", "text", "fusion"),
+            (
+                Rule(r"^model\.vision_tower\.", "vision", "CLIP vision tower"),
+                Rule(r"^model\.mm_projector\.", "fusion", "projector maps image features into the LLM"),
+                Rule(r"^model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+            ),
+        ),
+        naming="llava-original",
+        model_types=("llava_llama", "llava_mistral", "llava_mpt"),
+        architectures=("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM"),
+        config_keys=("mm_vision_tower", "mm_projector_type"),
+        vision_tower_prefix="model.vision_tower.vision_tower.vision_model.",
+        vision_tower_config_key="mm_vision_tower",
+    ),
+    Family(
+        rules=ModalityRules("llava", ("vision", "text", "fusion"), _LLAVA_RULES),
+        naming="transformers",
+        model_types=("llava",),
+        architectures=("LlavaForConditionalGeneration",),
+        renames=_LLAVA_RENAMES,
+    ),
+    Family(
+        rules=ModalityRules("llava_next", ("vision", "text", "fusion"), _LLAVA_RULES),
+        naming="transformers",
+        model_types=("llava_next",),
+        architectures=("LlavaNextForConditionalGeneration",),
+        renames=_LLAVA_RENAMES,
+    ),
+    Family(
+        rules=ModalityRules(
+            "qwen2_vl",
+            ("vision", "text", "fusion"),
+            (
+                Rule(r"^model\.visual\.merger\.", "fusion", "merger maps image features into the LLM"),
+                Rule(r"^model\.visual\.", "vision", "vision transformer"),
+                Rule(r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+            ),
+        ),
+        naming="transformers",
+        model_types=("qwen2_vl", "qwen2_5_vl"),
+        architectures=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+        renames=(
+            (r"^visual\.", "model.visual."),
+            (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+        ),
+    ),
+    Family(
+        rules=ModalityRules(
+            "blip",
+            ("vision", "text"),
+            (
+                Rule(r"^vision_model\.", "vision", "ViT image encoder"),
+                Rule(r"(^|\.)(vision_proj|text_proj|itm_head)$", "skip", "head (skipped by the authors)"),
+                Rule(r"(^|\.)cls\.predictions\.decoder$", "skip", "output head"),
+                Rule(r"^text_", "text", "text encoder / decoder"),
+            ),
+        ),
+        naming="transformers",
+        model_types=("blip",),
+        architectures=("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval"),
+    ),
+    Family(
+        rules=ModalityRules(
+            "clip",
+            ("vision", "text"),
+            (
+                Rule(r"^(vision_model\.)?(embeddings|encoder|pre_layrnorm|post_layernorm)\.", "vision", "ViT"),
+                Rule(r"^vision_model\.", "vision", "ViT image encoder"),
+                Rule(r"^text_model\.", "text", "text transformer"),
+                Rule(r"^(visual|text)_projection$", "skip", "projection head"),
+            ),
+        ),
+        naming="transformers",
+        model_types=("clip", "clip_vision_model"),
+        architectures=("CLIPModel", "CLIPVisionModel"),
+    ),
+)
+
+
+def family_for(config: Mapping[str, Any]) -> Family | None:
+    """The first family whose markers the config carries, or None."""
+    for family in FAMILIES:
+        if family.matches(config):
+            return family
+    return None
+
+
+def family_by_name(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise MultiflowError(f"unknown family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def load_rules_file(path: str | Path) -> tuple[ModalityRules, tuple[tuple[str, str], ...]]:
+    """Read a user rules file (YAML or JSON).
+
+    Format::
+
+        modalities: [vision, text, fusion]      # optional; report order
+        rules:                                  # ordered, first match wins
+          - {pattern: '^model\\.vision_tower\\.', group: vision}
+          - {pattern: 'mm_projector', group: skip, why: keep the projector dense}
+        renames:                                # optional: checkpoint key -> module name
+          - ['^visual\\.', 'model.visual.']
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MultiflowError(f"cannot read rules file {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # json and yaml raise different types
+        raise MultiflowError(f"rules file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
+        raise MultiflowError(f"rules file {path} needs a non-empty list under 'rules'")
+    rules = []
+    for i, item in enumerate(data["rules"]):
+        if not isinstance(item, dict) or "pattern" not in item or "group" not in item:
+            raise MultiflowError(f"rules file {path}: rule {i} needs 'pattern' and 'group'")
+        rules.append(Rule(str(item["pattern"]), str(item["group"]), str(item.get("why", ""))))
+    used = _unique(r.group for r in rules if r.group != "skip")
+    modalities = tuple(data.get("modalities") or used)
+    unknown = [m for m in modalities if m not in GROUPS or m == "skip"]
+    if unknown or not set(used) <= set(modalities):
+        raise MultiflowError(
+            f"rules file {path}: 'modalities' must list every group the rules use ({', '.join(used)})"
+        )
+    renames = tuple((str(a), str(b)) for a, b in data.get("renames") or ())
+    return ModalityRules(f"file:{path.name}", modalities, tuple(rules)), renames
+
+
+def _unique(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
