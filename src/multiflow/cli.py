@@ -1,0 +1,157 @@
+"""The `multiflow` command: parse and validate arguments, then call the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from multiflow import __version__
+from multiflow.errors import MultiflowError
+
+log = logging.getLogger("multiflow")
+
+
+def _target(text: str) -> float:
+    from multiflow.distribution import check_target
+
+    try:
+        return check_target(text)
+    except MultiflowError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--model_path", "--model-path", dest="model", metavar="PATH",
+                   help="checkpoint folder (config.json + safetensors). Layouts: llava-hf hub (transformers 4.x), "
+                        "transformers 5.x save_pretrained, in-memory state-dict names, original LLaVA repository. "
+                        "Default: the bundled demo model (tiny LLaVA, random weights)")
+    p.add_argument("--vision-tower", "--vision_tower", dest="vision_tower", metavar="PATH",
+                   help="local CLIP folder for an original-layout LLaVA checkpoint that lacks the vision tower "
+                        "weights (its config names them in mm_vision_tower)")
+    p.add_argument("--rules", metavar="FILE",
+                   help="modality rules file (YAML or JSON) replacing the preset of the model's family; "
+                        "needed for architectures multiflow does not know (see README, 'Modality rules')")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled .bin/.pt weights (loaded with torch.load(weights_only=True)); "
+                        "refused by default because pickles can run code")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other multiflow error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="multiflow",
+        description="MULTIFLOW modality-aware pruning for vision-language models (LLaVA-1.5 first).",
+    )
+    parser.add_argument("--version", action="version", version=f"multiflow {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level for messages on stderr (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser(
+        "distribute",
+        help="Step 1: per-layer sparsity each modality can afford (weights only, no data, no GPU)",
+        description="Step 1 of MULTIFLOW (paper Eq. 7): for each modality, the k-th smallest |W| over all its "
+                    "layers (k = floor(N * s)) is the threshold; each layer's sparsity is the share of its "
+                    "weights at or below it. Reads the checkpoint tensor by tensor; memory does not grow with "
+                    "model size. Writes sparsity_distribution_<s>.json (+ .png) per target.",
+    )
+    _model_args(d)
+    d.add_argument("--target-sparsity", "--target_sparsity", dest="targets", type=_target, nargs="+",
+                   required=True, metavar="S",
+                   help="target sparsity in [0, 1); several values (e.g. 0.3 0.5 0.7) share one read of the weights")
+    d.add_argument("--output", metavar="PATH", default=".",
+                   help="folder for sparsity_distribution_<s>.json files (default: current folder), "
+                        "or a .json file name when one target is given")
+    d.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a PNG chart next to each JSON (default on; --no-plot to skip)")
+    d.add_argument("--all-layers", action="store_true", help="list every layer in the report, not the first and last 5")
+    d.add_argument("--quiet", action="store_true", help="print only the output paths (no report, no progress bars)")
+
+    m = sub.add_parser(
+        "modalities",
+        help="print which layers belong to which modality, and what is skipped and why (reads headers only)",
+        description="Show the modality grouping of a checkpoint: layers and parameters per modality, skipped "
+                    "tensors with the reason, and the rules used. Reads only the safetensors headers.",
+    )
+    _model_args(m)
+    return parser
+
+
+def _resolve_model(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from multiflow.demo import DEMO_LABEL, ensure_demo_model
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multiflow"
+    folder = ensure_demo_model(cache)
+    log.warning("no --model given: using the %s, at %s", DEMO_LABEL, folder)
+    return folder
+
+
+def _output_paths(output: str, targets: list[float]) -> list[tuple[Path, Path]]:
+    out = Path(output)
+    if out.suffix.lower() == ".json":
+        if len(targets) > 1:
+            raise MultiflowError(f"--output {out} names one file but {len(targets)} targets were given; give a folder")
+        return [(out, out.with_suffix(".png"))]
+    if out.exists() and not out.is_dir():
+        raise MultiflowError(f"--output {out} exists and is not a folder")
+    return [(out / f"sparsity_distribution_{s:g}.json", out / f"sparsity_distribution_{s:g}.png") for s in targets]
+
+
+def cmd_distribute(args: argparse.Namespace) -> int:
+    from multiflow import layers
+    from multiflow.distribution import distribute
+    from multiflow.plots import plot_distribution
+    from multiflow.report import render
+
+    paths = _output_paths(args.output, args.targets)
+    model = _resolve_model(args.model)
+    inv = layers.from_checkpoint(model, args.rules, args.vision_tower, args.allow_pickle)
+    for note in inv.notes:
+        log.warning(note)
+    dists = distribute(inv, args.targets, progress=not args.quiet)
+    for dist, (json_path, png_path) in zip(dists, paths):
+        if not args.quiet:
+            print(render(dist, all_layers=args.all_layers))
+        dist.save(json_path)
+        print(json_path)
+        if args.plot:
+            print(plot_distribution(dist, png_path))
+    return 0
+
+
+def cmd_modalities(args: argparse.Namespace) -> int:
+    from multiflow import layers
+    from multiflow.report import render_inventory
+
+    inv = layers.from_checkpoint(_resolve_model(args.model), args.rules, args.vision_tower, args.allow_pickle)
+    print(render_inventory(inv), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="multiflow: %(levelname)s: %(message)s")
+    try:
+        return {"distribute": cmd_distribute, "modalities": cmd_modalities}[args.command](args)
+    except MultiflowError as exc:
+        print(f"multiflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multiflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

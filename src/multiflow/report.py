@@ -1,0 +1,156 @@
+"""The human console report of Step 1, in the seed's structure.
+
+Machine-readable output is the JSON written by `Distribution.save`; this module
+only formats text for a person.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TextIO
+
+from multiflow.distribution import Distribution
+from multiflow.layers import Inventory
+
+RULE = "=" * 78
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:6.2f}%"
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, row in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        out.append("  " + "  ".join(cells).rstrip())
+        if j == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return out
+
+
+def modality_table(dist: Distribution) -> list[str]:
+    total = sum(s.numel for s in dist.layers.values())
+    rows = [["Modality", "Layers", "Parameters", "% of prunable"]]
+    for m in dist.modalities:
+        shares = dist.modality_layers(m).values()
+        n = sum(s.numel for s in shares)
+        rows.append([m.upper(), str(len(shares)), f"{n:,}", _pct(n / total if total else 0.0)])
+    rows.append(["TOTAL", str(len(dist.layers)), f"{total:,}", _pct(1.0 if total else 0.0)])
+    return _table(rows, {1, 2, 3})
+
+
+def render(dist: Distribution, all_layers: bool = False, edge: int = 5) -> str:
+    """The report for one target sparsity."""
+    out = io.StringIO()
+    w = lambda line="": print(line, file=out)  # noqa: E731
+    meta = dist.meta
+    w(RULE)
+    w(f"MULTIFLOW Step 1: modality-aware sparsity distribution at {_pct(dist.target_sparsity).strip()}")
+    w(f"Model: {meta.get('model')}   naming: {meta.get('naming')}   rules: {meta.get('rules', {}).get('name')}")
+    w(RULE)
+    for note in meta.get("notes", []):
+        w(f"NOTE: {note}")
+    w()
+    w("Prunable parameters by modality")
+    for line in modality_table(dist):
+        w(line)
+    stats = dist.modality_stats()
+    for m in dist.modalities:
+        if m not in stats:
+            continue
+        t = dist.thresholds.get(m, {})
+        w()
+        thr = "nothing pruned (k = 0)" if t.get("threshold") is None else f"threshold |W| <= {t['threshold']:.6g}, k = {t['k']:,}"
+        w(f"{m.upper()}: {thr}")
+        shares = list(dist.modality_layers(m).items())
+        shown = shares if all_layers or len(shares) <= 2 * edge else shares[:edge] + [None] + shares[-edge:]
+        rows = [["Layer", "Params", "Sparsity"]]
+        for item in shown:
+            if item is None:
+                rows.append([f"... {len(shares) - 2 * edge} more layers (--all-layers lists them) ...", "", ""])
+            else:
+                name, share = item
+                rows.append([name, f"{share.numel:,}", _pct(share.sparsity)])
+        for line in _table(rows, {1, 2}):
+            w(line)
+        s = stats[m]
+        w(
+            f"  Summary: range {_pct(s['min_layer_sparsity']).strip()} - {_pct(s['max_layer_sparsity']).strip()}, "
+            f"mean {_pct(s['mean_layer_sparsity']).strip()} ± {_pct(s['std_layer_sparsity']).strip()}"
+        )
+    w()
+    w("Global summary")
+    rows = [["Modality", "Target", "Actual", "Pruned", "Total"]]
+    pruned_all = total_all = 0
+    for m in dist.modalities:
+        if m not in stats:
+            rows.append([m.upper(), _pct(dist.target_sparsity), "-", "0", "0"])
+            continue
+        s = stats[m]
+        pruned_all += s["pruned_params"]
+        total_all += s["total_params"]
+        rows.append([m.upper(), _pct(dist.target_sparsity), _pct(s["actual_sparsity"]),
+                     f"{s['pruned_params']:,}", f"{s['total_params']:,}"])
+    if total_all:
+        rows.append(["GLOBAL", _pct(dist.target_sparsity), _pct(pruned_all / total_all), f"{pruned_all:,}", f"{total_all:,}"])
+    for line in _table(rows, {1, 2, 3, 4}):
+        w(line)
+    w()
+    w("Key insights")
+    for m in dist.modalities:
+        if m not in stats:
+            w(f"  - {m.upper()}: no prunable layers, nothing pruned.")
+            continue
+        s = stats[m]
+        spread = s["max_layer_sparsity"] - s["min_layer_sparsity"]
+        w(
+            f"  - {m.upper()}: {_pct(s['actual_sparsity']).strip()} overall vs target {_pct(dist.target_sparsity).strip()}; "
+            f"its layers range over {100 * spread:.1f} points "
+            f"({_pct(s['min_layer_sparsity']).strip()} to {_pct(s['max_layer_sparsity']).strip()}): "
+            "layers with many small weights take more of the modality's budget."
+        )
+    return out.getvalue()
+
+
+def render_inventory(inv: Inventory) -> str:
+    """`multiflow modalities`: the grouping, what is skipped and why."""
+    out = io.StringIO()
+    w = lambda line="": print(line, file=out)  # noqa: E731
+    w(f"Model: {inv.model_path or '(in-memory model)'}   naming: {inv.naming}   rules: {inv.rules.name}")
+    for note in inv.notes:
+        w(f"NOTE: {note}")
+    w()
+    groups = inv.by_modality()
+    total = sum(l.numel for l in inv.layers)
+    rows = [["Modality", "Layers", "Parameters", "% of prunable", "dtypes"]]
+    for m, ls in groups.items():
+        n = sum(l.numel for l in ls)
+        dtypes = ",".join(sorted({str(l.dtype).removeprefix("torch.") for l in ls})) or "-"
+        rows.append([m.upper(), str(len(ls)), f"{n:,}", _pct(n / total if total else 0.0), dtypes])
+    for line in _table(rows, {1, 2, 3}):
+        w(line)
+    w()
+    w("Skipped 2-D weights (never pruned)")
+    reasons: dict[str, list] = {}
+    for name, numel, rule in inv.skipped:
+        reasons.setdefault(rule.why or rule.pattern, []).append((name, numel))
+    rows = [["Why", "Tensors", "Parameters", "e.g."]]
+    for why, items in reasons.items():
+        rows.append([why, str(len(items)), f"{sum(n for _, n in items):,}", items[0][0]])
+    if len(rows) == 1:
+        rows.append(["(none)", "0", "0", ""])
+    for line in _table(rows, {1, 2}):
+        w(line)
+    w(f"Other parameters (biases, norms, convolutions; never candidates): {inv.other_params:,}")
+    w()
+    w("Rules (first match wins; embeddings, norms and output heads are always skipped)")
+    for rule in inv.rules.rules:
+        w(f"  {rule.pattern!r:48} -> {rule.group:6} {rule.why}")
+    return out.getvalue()
+
+
+def write(text: str, stream: TextIO) -> None:
+    stream.write(text)
+    stream.flush()
