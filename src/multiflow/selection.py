@@ -57,8 +57,8 @@ class KeySpace:
         return self.shift > 0
 
     def keys(self, weight: torch.Tensor) -> torch.Tensor:
-        """Integer keys of |weight|, monotone in |weight| (flattened)."""
-        return weight.reshape(-1).view(self.int_dtype) & self.mask
+        """Integer keys of |weight| in this space, monotone in |weight| (flattened)."""
+        return weight.to(self.dtype).contiguous().reshape(-1).view(self.int_dtype) & self.mask
 
     def value(self, key: int) -> float:
         """The float |W| value a key stands for."""
@@ -98,7 +98,7 @@ def coarse_histogram(weight: torch.Tensor, space: KeySpace, use_numba: bool = Tr
 
 def fine_histogram(weight: torch.Tensor, space: KeySpace, coarse_bin: int) -> torch.Tensor:
     """int64 histogram of the low `shift` bits of the keys inside one coarse bin."""
-    keys = space.keys(weight.to(space.dtype).contiguous())
+    keys = space.keys(weight)
     inside = keys[(keys >> space.shift) == coarse_bin] & (space.fine_bins - 1)
     return torch.bincount(inside, minlength=space.fine_bins)
 

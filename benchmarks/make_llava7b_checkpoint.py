@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Write a LLaVA-1.5-7B-shaped checkpoint with random fp16 weights (benchmark input).
+
+The layout is that of the `llava-hf/llava-1.5-7b-hf` hub repository (key names
+of transformers 4.x): sharded safetensors (`model-0000K-of-0000N.safetensors`,
+at most ~5 GB each), `model.safetensors.index.json` with `metadata.total_size`
+and a `weight_map` naming every key's shard, and a `config.json` with
+`model_type: llava`.
+
+    python benchmarks/make_llava7b_checkpoint.py /work/bench/llava-7b-hub-fp16
+
+7,063,427,072 parameters, 14.1 GB. Weights are N(0, s^2) with s drawn per
+tensor, log-uniformly in [0.005, 0.05], so layers differ and so do their
+sparsities under a global magnitude threshold. Every tensor has its own
+generator, seeded from (--seed, tensor index): the output depends only on the
+seed (and torch's CPU normal_ implementation), not on threads or order.
+
+Memory stays at about one shard (the shard's tensors plus safetensors' copy
+while it writes: ~10 GB peak for 5 GB shards). A folder that is already
+complete (index, config and every shard of the expected size) is left as is
+unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+EXPECTED_TOTAL = 7_063_427_072
+EXPECTED_VISION_LINEAR = 302_211_072
+EXPECTED_PROJECTOR = 20_979_712
+EXPECTED_DECODER_LINEAR = 6_476_005_376
+
+V_HIDDEN, V_INTER, V_LAYERS, V_HEADS, V_IMAGE, V_PATCH = 1024, 4096, 24, 16, 336, 14
+T_HIDDEN, T_INTER, T_LAYERS, T_HEADS, T_VOCAB = 4096, 11008, 32, 32, 32064
+SCALE_MIN, SCALE_MAX = 0.005, 0.05
+
+
+def config() -> dict:
+    """config.json of llava-hf/llava-1.5-7b-hf, with the defaults it relies on written out."""
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "ignore_index": -100,
+        "image_token_index": 32000,
+        "pad_token_id": 32001,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": 576,
+        "vocab_size": T_VOCAB,
+        "text_config": {
+            "_name_or_path": "lmsys/vicuna-7b-v1.5",
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": T_HIDDEN,
+            "intermediate_size": T_INTER,
+            "num_hidden_layers": T_LAYERS,
+            "num_attention_heads": T_HEADS,
+            "num_key_value_heads": T_HEADS,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-05,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float16",
+            "vocab_size": T_VOCAB,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": V_HIDDEN,
+            "intermediate_size": V_INTER,
+            "num_hidden_layers": V_LAYERS,
+            "num_attention_heads": V_HEADS,
+            "image_size": V_IMAGE,
+            "patch_size": V_PATCH,
+            "num_channels": 3,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-05,
+            "projection_dim": 768,
+            "vocab_size": 32000,
+        },
+        "_benchmark_note": "random weights written by multiflow benchmarks/make_llava7b_checkpoint.py",
+    }
+
+
+def tensor_specs() -> list[tuple[str, tuple[int, ...]]]:
+    """Every (key, shape) of the checkpoint, in the model's state-dict order (hub / 4.x names)."""
+    specs: list[tuple[str, tuple[int, ...]]] = []
+    v = "vision_tower.vision_model."
+    n_pos = (V_IMAGE // V_PATCH) ** 2 + 1  # 577
+    specs += [
+        (v + "embeddings.class_embedding", (V_HIDDEN,)),
+        (v + "embeddings.patch_embedding.weight", (V_HIDDEN, 3, V_PATCH, V_PATCH)),
+        (v + "embeddings.position_embedding.weight", (n_pos, V_HIDDEN)),
+        (v + "pre_layrnorm.weight", (V_HIDDEN,)),
+        (v + "pre_layrnorm.bias", (V_HIDDEN,)),
+    ]
+    for i in range(V_LAYERS):
+        p = f"{v}encoder.layers.{i}."
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            specs += [(p + f"self_attn.{proj}.weight", (V_HIDDEN, V_HIDDEN)), (p + f"self_attn.{proj}.bias", (V_HIDDEN,))]
+        specs += [(p + "layer_norm1.weight", (V_HIDDEN,)), (p + "layer_norm1.bias", (V_HIDDEN,))]
+        specs += [(p + "mlp.fc1.weight", (V_INTER, V_HIDDEN)), (p + "mlp.fc1.bias", (V_INTER,))]
+        specs += [(p + "mlp.fc2.weight", (V_HIDDEN, V_INTER)), (p + "mlp.fc2.bias", (V_HIDDEN,))]
+        specs += [(p + "layer_norm2.weight", (V_HIDDEN,)), (p + "layer_norm2.bias", (V_HIDDEN,))]
+    specs += [(v + "post_layernorm.weight", (V_HIDDEN,)), (v + "post_layernorm.bias", (V_HIDDEN,))]
+    specs += [
+        ("multi_modal_projector.linear_1.weight", (T_HIDDEN, V_HIDDEN)),
+        ("multi_modal_projector.linear_1.bias", (T_HIDDEN,)),
+        ("multi_modal_projector.linear_2.weight", (T_HIDDEN, T_HIDDEN)),
+        ("multi_modal_projector.linear_2.bias", (T_HIDDEN,)),
+    ]
+    t = "language_model.model."
+    specs.append((t + "embed_tokens.weight", (T_VOCAB, T_HIDDEN)))
+    for i in range(T_LAYERS):
+        p = f"{t}layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            specs.append((p + f"self_attn.{proj}.weight", (T_HIDDEN, T_HIDDEN)))
+        specs += [
+            (p + "mlp.gate_proj.weight", (T_INTER, T_HIDDEN)),
+            (p + "mlp.up_proj.weight", (T_INTER, T_HIDDEN)),
+            (p + "mlp.down_proj.weight", (T_HIDDEN, T_INTER)),
+            (p + "input_layernorm.weight", (T_HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (T_HIDDEN,)),
+        ]
+    specs.append((t + "norm.weight", (T_HIDDEN,)))
+    specs.append(("language_model.lm_head.weight", (T_VOCAB, T_HIDDEN)))
+    return specs
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def check_counts(specs: list[tuple[str, tuple[int, ...]]]) -> int:
+    total = sum(numel(s) for _, s in specs)
+    keys = [k for k, _ in specs]
+    assert len(keys) == len(set(keys)), "duplicate keys"
+
+    def linear(prefix: str, weights_only: bool = False) -> tuple[int, int]:
+        """(number of nn.Linear layers, their params incl. biases) under prefix."""
+        shapes = dict(specs)
+        names = [k[: -len(".weight")] for k, s in specs if k.startswith(prefix) and k.endswith(".weight") and len(s) == 2
+                 and "embed" not in k and "lm_head" not in k]
+        params = sum(numel(shapes[n + ".weight"]) + (numel(shapes[n + ".bias"]) if n + ".bias" in shapes else 0) for n in names)
+        return len(names), params
+
+    nv, pv = linear("vision_tower.")
+    npj, ppj = linear("multi_modal_projector.")
+    nd, pd = linear("language_model.model.layers.")
+    assert (nv, pv) == (144, EXPECTED_VISION_LINEAR), (nv, pv)
+    assert (npj, ppj) == (2, EXPECTED_PROJECTOR), (npj, ppj)
+    assert (nd, pd) == (224, EXPECTED_DECODER_LINEAR), (nd, pd)
+    assert total == EXPECTED_TOTAL, f"total parameters {total:,} != {EXPECTED_TOTAL:,}"
+    return total
+
+
+def plan_shards(specs, max_shard_bytes: int, itemsize: int = 2) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedy, in order, like transformers' save_pretrained: a new shard when the next tensor would overflow."""
+    shards: list[list] = [[]]
+    size = 0
+    for key, shape in specs:
+        nbytes = numel(shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape))
+        size += nbytes
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def is_complete(out: Path, shards, total_bytes: int) -> bool:
+    index = out / "model.safetensors.index.json"
+    if not (index.is_file() and (out / "config.json").is_file()):
+        return False
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    wm = data.get("weight_map", {})
+    n = len(shards)
+    expected = {k: shard_name(i, n) for i, shard in enumerate(shards) for k, _ in shard}
+    if wm != expected or data.get("metadata", {}).get("total_size") != total_bytes:
+        return False
+    for i, shard in enumerate(shards):
+        path = out / shard_name(i, n)
+        data_bytes = sum(numel(s) * 2 for _, s in shard)
+        if not path.is_file() or path.stat().st_size < data_bytes + 8:
+            return False
+    return True
+
+
+def make_tensor(index: int, key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    u = torch.rand((), generator=g, dtype=torch.float64).item()
+    scale = SCALE_MIN * (SCALE_MAX / SCALE_MIN) ** u  # log-uniform
+    out = torch.empty(shape, dtype=torch.float16)
+    out.normal_(0.0, scale, generator=g)  # drawn in float, stored as fp16, no fp32 copy of the tensor
+    return out
+
+
+def verify_with_transformers(specs) -> None:
+    """Compare keys and shapes with transformers' LlavaForConditionalGeneration built on the meta device."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = {k: v for k, v in config().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(LlavaConfig(**cfg))
+    ours = dict(specs)
+    theirs = {}
+    for k, v in model.state_dict().items():
+        # transformers >= 4.52 names -> hub / 4.x names
+        for new, old in (("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                         ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")):
+            if k.startswith(new):
+                k = old + k[len(new):]
+                break
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            k = "vision_tower.vision_model." + k[len("vision_tower."):]  # newer versions drop the CLIPVisionModel wrapper
+        theirs[k] = tuple(v.shape)
+    if ours != theirs:
+        only_ours = sorted(set(ours) - set(theirs))[:5]
+        only_theirs = sorted(set(theirs) - set(ours))[:5]
+        shape_diff = [(k, ours[k], theirs[k]) for k in ours if k in theirs and ours[k] != theirs[k]][:5]
+        raise SystemExit(f"differs from transformers: only ours {only_ours}, only transformers {only_theirs}, shapes {shape_diff}")
+    print(f"keys and shapes match transformers LlavaForConditionalGeneration ({len(ours)} tensors)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, in 10^9 bytes (default 5)")
+    ap.add_argument("--threads", type=int, default=2, help="tensors generated in parallel (default 2)")
+    ap.add_argument("--force", action="store_true", help="regenerate even if the folder is complete")
+    ap.add_argument("--verify-with-transformers", action="store_true",
+                    help="also check keys/shapes against transformers' LlavaForConditionalGeneration (meta device)")
+    args = ap.parse_args(argv)
+
+    specs = tensor_specs()
+    total = check_counts(specs)
+    total_bytes = total * 2
+    print(f"total parameters: {total:,} ({total_bytes / 1e9:.2f} GB fp16, {len(specs)} tensors)")
+    if args.verify_with_transformers:
+        verify_with_transformers(specs)
+
+    shards = plan_shards(specs, int(args.max_shard_gb * 1e9))
+    n = len(shards)
+    out: Path = args.out_dir
+    if not args.force and is_complete(out, shards, total_bytes):
+        print(f"{out} is already complete ({n} shards); pass --force to regenerate")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / "model.safetensors.index.json"
+    index_path.unlink(missing_ok=True)  # the index is written last: its presence marks a complete folder
+    for stale in out.glob("model-*-of-*.safetensors"):
+        stale.unlink()
+    (out / "config.json").write_text(json.dumps(config(), indent=2) + "\n")
+
+    torch.set_num_threads(1)  # parallelism comes from generating `--threads` tensors at once
+    order = {k: i for i, (k, _) in enumerate(specs)}
+    weight_map: dict[str, str] = {}
+    t_all = time.perf_counter()
+    t_gen = t_write = 0.0
+    with ThreadPoolExecutor(max(1, args.threads)) as pool:
+        for i, shard in enumerate(shards):
+            name = shard_name(i, n)
+            t0 = time.perf_counter()
+            tensors = dict(zip([k for k, _ in shard],
+                               pool.map(lambda ks: make_tensor(order[ks[0]], ks[0], ks[1], args.seed), shard)))
+            t1 = time.perf_counter()
+            tmp = out / (name + ".tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, out / name)
+            t2 = time.perf_counter()
+            nbytes = sum(t.numel() * 2 for t in tensors.values())
+            del tensors
+            t_gen += t1 - t0
+            t_write += t2 - t1
+            weight_map.update({k: name for k, _ in shard})
+            print(f"  {name}: {len(shard)} tensors, {nbytes / 1e9:.2f} GB, generate {t1 - t0:.1f} s, write {t2 - t1:.1f} s",
+                  flush=True)
+    index = {"metadata": {"total_size": total_bytes, "total_parameters": total}, "weight_map": weight_map}
+    tmp = index_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, index_path)
+    print(f"wrote {out}: {n} shards, {total:,} parameters, {total_bytes / 1e9:.2f} GB "
+          f"in {time.perf_counter() - t_all:.1f} s (generate {t_gen:.1f} s, write {t_write:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

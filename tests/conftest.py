@@ -1,0 +1,110 @@
+"""Tiny LLaVA checkpoints in every layout and dtype, built from configs, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=8)
+    text = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # per-tensor scales so layer sparsities differ
+        for p in model.parameters():
+            p.mul_(float(torch.empty(1).uniform_(0.3, 3.0, generator=g)))
+    return model.to(dtype)
+
+
+def hub_key(inmemory: str) -> str:
+    """In-memory (transformers 5.x) name -> llava-hf hub (transformers 4.x) key."""
+    if inmemory.startswith("lm_head"):
+        return "language_model." + inmemory
+    if inmemory.startswith("model.language_model."):
+        return "language_model.model." + inmemory[len("model.language_model."):]
+    if inmemory.startswith("model.vision_tower."):
+        return "vision_tower.vision_model." + inmemory[len("model.vision_tower."):]
+    return inmemory.removeprefix("model.")
+
+
+def original_key(inmemory: str) -> str:
+    """In-memory name -> original LLaVA repository key."""
+    for a, b in (
+        ("model.language_model.", "model."),
+        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+    ):
+        if inmemory.startswith(a):
+            return b + inmemory[len(a):]
+    return inmemory
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dict, shards: int = 1) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    keys = sorted(tensors)
+    if shards == 1:
+        save_file({k: tensors[k] for k in keys}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: tensors[k] for k in part}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def original_config(model) -> dict:
+    cfg = model.config.text_config.to_dict()
+    cfg.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"],
+               mm_vision_tower="openai/clip-vit-large-patch14-336", mm_projector_type="mlp2x_gelu",
+               mm_vision_select_layer=-2)
+    return cfg
+
+
+def layouts(model, root: Path) -> dict[str, Path]:
+    """The same weights in every layout multiflow accepts."""
+    sd = state(model)
+    hf_config = model.config.to_dict()
+    out = {}
+    model.save_pretrained(root / "hf5")
+    out["hf5"] = root / "hf5"
+    out["hub4"] = write_checkpoint(root / "hub4", {hub_key(k): v for k, v in sd.items()}, hf_config)
+    out["hub4-sharded"] = write_checkpoint(root / "hub4-sharded", {hub_key(k): v for k, v in sd.items()}, hf_config, shards=3)
+    out["inmemory"] = write_checkpoint(root / "inmemory", sd, hf_config)
+    orig = {original_key(k): v for k, v in sd.items()}
+    out["original-with-clip"] = write_checkpoint(root / "original-with-clip", orig, original_config(model), shards=2)
+    no_clip = {k: v for k, v in orig.items() if not k.startswith("model.vision_tower.")}
+    out["original"] = write_checkpoint(root / "original", no_clip, original_config(model))
+    clip = {"vision_model." + k[len("model.vision_tower."):]: v for k, v in sd.items() if k.startswith("model.vision_tower.")}
+    clip["text_model.encoder.layers.0.mlp.fc1.weight"] = torch.randn(8, 4).to(next(iter(sd.values())).dtype)
+    clip["text_projection.weight"] = torch.randn(4, 4).to(next(iter(sd.values())).dtype)
+    out["clip"] = write_checkpoint(root / "clip", clip, {"model_type": "clip", "architectures": ["CLIPModel"]})
+    return out
+
+
+@pytest.fixture(scope="session", params=[torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def llava(request, tmp_path_factory):
+    model = tiny_llava(dtype=request.param)
+    root = tmp_path_factory.mktemp(f"llava-{str(request.param)[6:]}")
+    return model, layouts(model, root)
