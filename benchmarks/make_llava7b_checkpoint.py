@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             tmp = out / (name + ".tmp")
             save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, 0o644)  # safetensors creates the file 0600
             os.replace(tmp, out / name)
             t2 = time.perf_counter()
             nbytes = sum(t.numel() * 2 for t in tensors.values())

@@ -1,0 +1,352 @@
+#!/usr/bin/env python
+"""Benchmark `multiflow distribute` (Step 1) against plainly reading the checkpoint's bytes.
+
+    sudo python benchmarks/bench_distribute.py --checkpoint /work/bench/llava-7b-hub-fp16
+
+In one run, on the same files:
+
+1. cold read of the bytes: drop the page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`,
+   needs root), then read every shard file once, in order, with 16 MiB `readinto` calls
+   into one reused buffer;
+2. cold `multiflow distribute ...` as a child process, after dropping the cache again;
+3. warm: the read and the command back to back, interleaved, `--warm-rounds` times
+   (at least 2) with the files in the page cache (the script checks that they are).
+
+Each child's wall time is measured here around the child; its peak RSS is the
+`ru_maxrss` that `os.wait4` returns for that one child (the kernel's per-child
+accounting, the same number GNU `/usr/bin/time -v` prints as "Maximum resident
+set size"; it includes any grandchildren the child waited for).
+
+The ratio of a command to "its" read is (command seconds) / (read seconds) of the
+same temperature: cold/cold, and per warm round and median/median. Targets:
+cold ratio <= 1.3, warm ratio <= 6, peak RSS <= 1024 MB (every run of the command).
+
+`--cmd` replaces the command (a shell-like string, split with shlex) for
+comparisons; `{model}`, `{output}` and `{targets}` in it are filled in. If the
+drop fails (not root, read-only /proc), cold numbers are skipped and the reason
+printed. `--read-only` measures only the reads (to check the harness and disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import datetime as _dt
+import json
+import mmap
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHUNK = 16 * 1024 * 1024
+TARGETS = {"cold_ratio": 1.3, "warm_ratio": 6.0, "peak_rss_mb": 1024.0}
+
+
+def default_cmd() -> str:
+    exe = Path(sys.executable).with_name("multiflow")
+    prog = str(exe) if exe.exists() else (shutil.which("multiflow") or "multiflow")
+    return (f"{shlex.quote(prog)} distribute --model {{model}} --target-sparsity {{targets}} "
+            "--quiet --no-plot --output {output}")
+
+
+def shard_files(checkpoint: Path) -> list[Path]:
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+        return [checkpoint / n for n in names]
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{checkpoint}: no model.safetensors.index.json and no *.safetensors")
+    return files
+
+
+def drop_caches() -> str | None:
+    """Drop the page cache; return None on success, else why it failed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return None
+    except OSError as exc:
+        return f"cannot drop the page cache ({exc.strerror or exc}); run as root on Linux"
+
+
+def read_bytes(files: list[Path]) -> tuple[float, int]:
+    """Read every file in order with large readinto calls into one reused buffer."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(view)
+                if not n:
+                    break
+                total += n
+    return time.perf_counter() - t0, total
+
+
+def resident_bytes(files: list[Path]) -> int | None:
+    """How many bytes of the files are in the page cache (mincore), or None if unknown."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        page = mmap.PAGESIZE
+        resident = 0
+        for path in files:
+            size = path.stat().st_size
+            if size == 0:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    return None
+                try:
+                    pages = (size + page - 1) // page
+                    vec = ctypes.create_string_buffer(pages)
+                    if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                        return None
+                    resident += sum(b & 1 for b in vec.raw) * page
+                finally:
+                    libc.munmap(ctypes.c_void_p(addr), size)
+            finally:
+                os.close(fd)
+        return resident
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def run_child(argv: list[str], log: Path) -> tuple[float, float, int]:
+    """Run argv; return (wall seconds, peak RSS in MB, exit status)."""
+    with open(log, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting again
+    rss_kb = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss / 1024  # Linux: KiB
+    return wall, rss_kb / 1024, proc.returncode
+
+
+def mem_info() -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, value = line.split(":", 1)
+            out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def git_rev(repo: Path) -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "") if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (safetensors, sharded or not)")
+    ap.add_argument("--repeats", type=int, default=1, help="cold rounds (read + command, each after a drop); default 1")
+    ap.add_argument("--warm-rounds", type=int, default=None,
+                    help="warm rounds of read + command, interleaved (default max(2, --repeats); at least 2)")
+    ap.add_argument("--targets", nargs="+", default=["0.5"], metavar="S",
+                    help="target sparsities passed to --target-sparsity (default 0.5)")
+    ap.add_argument("--cmd", default=None,
+                    help="command to time instead of multiflow distribute; {model}, {output}, {targets} are filled in. "
+                         f"Default: {default_cmd()!r}")
+    ap.add_argument("--read-only", action="store_true", help="only time the reads of the bytes (no command)")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold measurements (no page-cache drop)")
+    ap.add_argument("--keep-output", type=Path, default=None, help="keep the command's outputs under this folder")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    checkpoint = args.checkpoint.resolve()
+    files = shard_files(checkpoint)
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise SystemExit(f"missing shard files: {', '.join(missing)}")
+    total_bytes = sum(p.stat().st_size for p in files)
+    warm_rounds = max(2, args.warm_rounds if args.warm_rounds is not None else args.repeats)
+    cmd_template = args.cmd or default_cmd()
+    targets = " ".join(shlex.quote(t) for t in args.targets)
+
+    mem = mem_info()
+    repo = Path(__file__).resolve().parent.parent
+    print(f"# bench_distribute — {_dt.datetime.now().isoformat(timespec='seconds')}")
+    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {mem.get('MemTotal', 0) / 2**30:.1f} GiB RAM, "
+          f"{platform.platform()}, Python {platform.python_version()}, repo {git_rev(repo)}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"checkpoint: {checkpoint} ({len(files)} files, {total_bytes / 1e9:.2f} GB)")
+    if not args.read_only:
+        print(f"command: {cmd_template.format(model=shlex.quote(str(checkpoint)), output='<tmp>', targets=targets)}")
+    print("peak RSS: ru_maxrss of the child from os.wait4 (what /usr/bin/time -v reports)", flush=True)
+    if mem.get("MemTotal") and total_bytes > 0.85 * mem["MemTotal"]:
+        print(f"WARNING: the files ({total_bytes / 2**30:.1f} GiB) may not fit in the page cache "
+              f"({mem['MemTotal'] / 2**30:.1f} GiB RAM): warm numbers may be partly cold")
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_distribute_"))
+    rows: list[dict] = []
+    failures: list[str] = []
+    run_no = 0
+
+    def read(label: str) -> float:
+        seconds, n = read_bytes(files)
+        assert n == total_bytes, (n, total_bytes)
+        rows.append({"measurement": label, "seconds": seconds, "gb_per_s": n / seconds / 1e9, "kind": "read"})
+        print(f"  {label}: {seconds:.2f} s ({n / seconds / 1e9:.2f} GB/s)", flush=True)
+        return seconds
+
+    def command(label: str) -> tuple[float, float]:
+        nonlocal run_no
+        run_no += 1
+        out = workdir / f"out-{run_no}"
+        out.mkdir()
+        argv = shlex.split(cmd_template.format(model=shlex.quote(str(checkpoint)), output=shlex.quote(str(out)),
+                                               targets=targets))
+        log = workdir / f"log-{run_no}.txt"
+        seconds, rss, rc = run_child(argv, log)
+        produced = sorted(p.name for p in out.iterdir())
+        rows.append({"measurement": label, "seconds": seconds, "peak_rss_mb": rss, "rc": rc, "kind": "cmd",
+                     "outputs": produced})
+        print(f"  {label}: {seconds:.2f} s, peak RSS {rss:.0f} MB, exit {rc}, wrote {produced}", flush=True)
+        if rc != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            failures.append(f"{label} exited {rc}; last output:\n{tail}")
+            print(f"    exit {rc}; last output:\n{tail}", flush=True)
+        if args.keep_output:
+            dest = args.keep_output / f"run-{run_no}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for p in out.iterdir():
+                shutil.copy2(p, dest / p.name)
+            shutil.copy2(log, dest / "log.txt")
+        return seconds, rss
+
+    cold_reads: list[float] = []
+    cold_cmds: list[tuple[float, float]] = []
+    cold_skipped: str | None = "--no-cold" if args.no_cold else None
+    try:
+        if not args.no_cold:
+            print("cold (page cache dropped before each measurement):", flush=True)
+            for r in range(args.repeats):
+                suffix = f" #{r + 1}" if args.repeats > 1 else ""
+                why = drop_caches()
+                if why:
+                    cold_skipped = why
+                    print(f"  SKIPPING cold numbers: {why}", flush=True)
+                    break
+                cold_reads.append(read(f"cold read of the bytes{suffix}"))
+                if not args.read_only:
+                    drop_caches()
+                    cold_cmds.append(command(f"cold command{suffix}"))
+
+        print("warm (files in the page cache):", flush=True)
+        read_bytes(files)  # prime: whatever was evicted comes back (untimed)
+        resident = resident_bytes(files)
+        if resident is not None:
+            print(f"  page cache holds {resident / total_bytes:.1%} of the files before the warm rounds", flush=True)
+            if resident < 0.99 * total_bytes:
+                print("  WARNING: not all of the files are cached: warm numbers are partly cold", flush=True)
+        warm_reads: list[float] = []
+        warm_cmds: list[tuple[float, float]] = []
+        for r in range(warm_rounds):
+            warm_reads.append(read(f"warm read of the bytes #{r + 1}"))
+            if not args.read_only:
+                warm_cmds.append(command(f"warm command #{r + 1}"))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    # ---- report -------------------------------------------------------------------------------------------------
+    def med(xs: list[float]) -> float | None:
+        return statistics.median(xs) if xs else None
+
+    cold_read_med = med(cold_reads)
+    warm_read_med = med(warm_reads)
+    table: list[tuple[str, float | None, float | None, float | None]] = []
+    for i, s in enumerate(cold_reads):
+        table.append((f"cold read of the bytes{' #%d' % (i + 1) if len(cold_reads) > 1 else ''}", s, 1.0, None))
+    for i, (s, rss) in enumerate(cold_cmds):
+        table.append((f"cold command{' #%d' % (i + 1) if len(cold_cmds) > 1 else ''}", s, s / cold_reads[i], rss))
+    for i, s in enumerate(warm_reads):
+        table.append((f"warm read of the bytes #{i + 1}", s, 1.0, None))
+    for i, (s, rss) in enumerate(warm_cmds):
+        table.append((f"warm command #{i + 1}", s, s / warm_reads[i], rss))
+    table.append(("warm read of the bytes, median", warm_read_med, 1.0, None))
+    if warm_cmds:
+        table.append(("warm command, median", med([s for s, _ in warm_cmds]),
+                      med([s for s, _ in warm_cmds]) / warm_read_med, None))
+    if len(cold_reads) > 1:
+        table.append(("cold read of the bytes, median", cold_read_med, 1.0, None))
+        if cold_cmds:
+            table.append(("cold command, median", med([s for s, _ in cold_cmds]),
+                          med([s for s, _ in cold_cmds]) / cold_read_med, None))
+
+    print()
+    print(f"{total_bytes / 1e9:.2f} GB in {len(files)} files; targets: {' '.join(args.targets)}; "
+          f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print()
+    print("| measurement | seconds | ratio to read of bytes | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for label, s, ratio, rss in table:
+        print(f"| {label} | {fmt(s)} | {fmt(ratio)} | {fmt(rss, 0)} |")
+
+    checks: list[tuple[str, str, str, str]] = []
+    if not args.read_only:
+        if cold_cmds:
+            cold_ratio = med([s for s, _ in cold_cmds]) / cold_read_med
+            checks.append(("cold ratio", f"<= {TARGETS['cold_ratio']}", f"{cold_ratio:.2f}",
+                           "PASS" if cold_ratio <= TARGETS["cold_ratio"] else "FAIL"))
+        else:
+            checks.append(("cold ratio", f"<= {TARGETS['cold_ratio']}", "not measured", f"SKIPPED ({cold_skipped})"))
+        if warm_cmds:
+            warm_ratio = med([s for s, _ in warm_cmds]) / warm_read_med
+            checks.append(("warm ratio (median/median)", f"<= {TARGETS['warm_ratio']}", f"{warm_ratio:.2f}",
+                           "PASS" if warm_ratio <= TARGETS["warm_ratio"] else "FAIL"))
+        peak = max(rss for _, rss in cold_cmds + warm_cmds)
+        checks.append(("peak RSS MB (max over runs)", f"<= {TARGETS['peak_rss_mb']:.0f}", f"{peak:.0f}",
+                       "PASS" if peak <= TARGETS["peak_rss_mb"] else "FAIL"))
+        checks.append(("command exit status", "0 every run", "ok" if not failures else f"{len(failures)} failed",
+                       "PASS" if not failures else "FAIL"))
+        print()
+        print("| target | limit | measured | result |")
+        print("|---|---|---:|---|")
+        for c in checks:
+            print("| " + " | ".join(c) + " |")
+    elif cold_skipped and not args.no_cold:
+        print(f"\ncold numbers skipped: {cold_skipped}")
+
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
+            "cpus": os.cpu_count(), "mem_total": mem.get("MemTotal"), "checkpoint": str(checkpoint),
+            "bytes": total_bytes, "command": None if args.read_only else cmd_template, "targets": args.targets,
+            "rows": rows, "checks": checks, "cold_skipped": cold_skipped, "failures": failures,
+        }, indent=2) + "\n")
+    return 1 if failures or any(c[3] == "FAIL" for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
