@@ -12,10 +12,12 @@ In one run, on the same files:
 3. warm: the read and the command back to back, interleaved, `--warm-rounds` times
    (at least 2) with the files in the page cache (the script checks that they are).
 
-Each child's wall time is measured here around the child; its peak RSS is the
-`ru_maxrss` that `os.wait4` returns for that one child (the kernel's per-child
-accounting, the same number GNU `/usr/bin/time -v` prints as "Maximum resident
-set size"; it includes any grandchildren the child waited for).
+Each child's wall time is measured here around the child. Its peak RSS is the
+"Maximum resident set size" of GNU `/usr/bin/time` (run as `time -f %M`, the
+number `time -v` prints), or, where there is no GNU time, the `ru_maxrss` that
+`os.wait4` returns for that one child (same kernel accounting, but never below
+this script's own RSS, ~40 MB, because Linux keeps the high-water mark across
+fork+exec). Both include any grandchildren the child waited for.
 
 The ratio of a command to "its" read is (command seconds) / (read seconds) of the
 same temperature: cold/cold, and per warm round and median/median. Targets:
@@ -129,16 +131,64 @@ def resident_bytes(files: list[Path]) -> int | None:
         return None
 
 
-def run_child(argv: list[str], log: Path) -> tuple[float, float, int]:
-    """Run argv; return (wall seconds, peak RSS in MB, exit status)."""
+def gnu_time() -> str | None:
+    """/usr/bin/time if it is GNU time (accepts -f/-o), else None."""
+    path = "/usr/bin/time"
+    if not os.access(path, os.X_OK):
+        return None
+    try:
+        ok = subprocess.run([path, "-f", "%M", "-o", os.devnull, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if ok else None
+
+
+def run_child(argv: list[str], log: Path, timer: str | None) -> tuple[float, float, int, float]:
+    """Run argv; return (wall seconds, peak RSS in MiB, exit status, CPU seconds user+system).
+
+    With GNU time (`timer`), the peak RSS is its %M: the child's own high-water mark.
+    Without, it is ru_maxrss from os.wait4, which is also the child's (the kernel's
+    per-child accounting) but can never be below this process's RSS at the fork,
+    since Linux keeps the high-water mark across exec.
+    """
+    stats = log.with_suffix(".time")
+    full = [timer, "-f", "%M %U %S", "-o", str(stats), *argv] if timer else argv
     with open(log, "wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting again
     rss_kb = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss / 1024  # Linux: KiB
-    return wall, rss_kb / 1024, proc.returncode
+    cpu = usage.ru_utime + usage.ru_stime
+    if timer:
+        try:  # GNU time writes "Command exited with non-zero status N" first when the child fails
+            kb, user, system = stats.read_text().strip().splitlines()[-1].split()
+            rss_kb, cpu = int(kb), float(user) + float(system)
+        except (OSError, ValueError, IndexError):
+            pass  # e.g. the command was not found: keep wait4's numbers
+    return wall, rss_kb / 1024, proc.returncode, cpu
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (from /proc/stat), to spot concurrent load."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def resource_self_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def self_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def mem_info() -> dict[str, int]:
@@ -180,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"Default: {default_cmd()!r}")
     ap.add_argument("--read-only", action="store_true", help="only time the reads of the bytes (no command)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold measurements (no page-cache drop)")
+    ap.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long after each page-cache drop before a cold measurement (default 0)")
     ap.add_argument("--keep-output", type=Path, default=None, help="keep the command's outputs under this folder")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -203,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint: {checkpoint} ({len(files)} files, {total_bytes / 1e9:.2f} GB)")
     if not args.read_only:
         print(f"command: {cmd_template.format(model=shlex.quote(str(checkpoint)), output='<tmp>', targets=targets)}")
-    print("peak RSS: ru_maxrss of the child from os.wait4 (what /usr/bin/time -v reports)", flush=True)
+    timer = gnu_time()
+    if timer:
+        print(f"peak RSS: the child's maximum resident set size from {timer} -f %M "
+              "(as /usr/bin/time -v prints it)", flush=True)
+    else:
+        print("peak RSS: ru_maxrss of the child from os.wait4 (no GNU /usr/bin/time here; never below "
+              f"this process's own RSS at the fork, ~{resource_self_mb():.0f} MB)", flush=True)
     if mem.get("MemTotal") and total_bytes > 0.85 * mem["MemTotal"]:
         print(f"WARNING: the files ({total_bytes / 2**30:.1f} GiB) may not fit in the page cache "
               f"({mem['MemTotal'] / 2**30:.1f} GiB RAM): warm numbers may be partly cold")
@@ -211,13 +269,32 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_distribute_"))
     rows: list[dict] = []
     failures: list[str] = []
+    warnings: list[str] = []
     run_no = 0
 
+    def other_load(busy0: float | None, seconds: float, ours: float) -> float | None:
+        """Average number of cores other processes kept busy during a measurement."""
+        busy1 = busy_cpu_seconds()
+        if busy0 is None or busy1 is None or seconds < 1.0:  # /proc/stat counts in 10 ms ticks
+            return None
+        return max(0.0, (busy1 - busy0 - ours) / seconds)
+
+    def warn_load(label: str, others: float | None) -> None:
+        if others is not None and others > 0.25:
+            msg = f"{label}: other processes kept {others:.2f} cores busy meanwhile: this number is disturbed"
+            warnings.append(msg)
+            print(f"    WARNING: {msg}", flush=True)
+
     def read(label: str) -> float:
+        busy0, self0 = busy_cpu_seconds(), self_cpu_seconds()
         seconds, n = read_bytes(files)
+        cpu = self_cpu_seconds() - self0
+        others = other_load(busy0, seconds, cpu)
         assert n == total_bytes, (n, total_bytes)
-        rows.append({"measurement": label, "seconds": seconds, "gb_per_s": n / seconds / 1e9, "kind": "read"})
-        print(f"  {label}: {seconds:.2f} s ({n / seconds / 1e9:.2f} GB/s)", flush=True)
+        rows.append({"measurement": label, "seconds": seconds, "gb_per_s": n / seconds / 1e9, "kind": "read",
+                     "cpu_seconds": cpu, "other_cores_busy": others})
+        print(f"  {label}: {seconds:.2f} s ({n / seconds / 1e9:.2f} GB/s), CPU {cpu:.1f} s", flush=True)
+        warn_load(label, others)
         return seconds
 
     def command(label: str) -> tuple[float, float]:
@@ -228,11 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         argv = shlex.split(cmd_template.format(model=shlex.quote(str(checkpoint)), output=shlex.quote(str(out)),
                                                targets=targets))
         log = workdir / f"log-{run_no}.txt"
-        seconds, rss, rc = run_child(argv, log)
+        busy0, self0 = busy_cpu_seconds(), self_cpu_seconds()
+        seconds, rss, rc, cpu = run_child(argv, log, timer)
+        others = other_load(busy0, seconds, cpu + self_cpu_seconds() - self0)
         produced = sorted(p.name for p in out.iterdir())
         rows.append({"measurement": label, "seconds": seconds, "peak_rss_mb": rss, "rc": rc, "kind": "cmd",
-                     "outputs": produced})
-        print(f"  {label}: {seconds:.2f} s, peak RSS {rss:.0f} MB, exit {rc}, wrote {produced}", flush=True)
+                     "cpu_seconds": cpu, "other_cores_busy": others, "outputs": produced})
+        print(f"  {label}: {seconds:.2f} s, CPU {cpu:.1f} s, peak RSS {rss:.0f} MB, exit {rc}, wrote {produced}",
+              flush=True)
+        warn_load(label, others)
         if rc != 0:
             tail = log.read_text(errors="replace")[-3000:]
             failures.append(f"{label} exited {rc}; last output:\n{tail}")
@@ -258,9 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                     cold_skipped = why
                     print(f"  SKIPPING cold numbers: {why}", flush=True)
                     break
+                time.sleep(args.settle)
                 cold_reads.append(read(f"cold read of the bytes{suffix}"))
                 if not args.read_only:
                     drop_caches()
+                    time.sleep(args.settle)
                     cold_cmds.append(command(f"cold command{suffix}"))
 
         print("warm (files in the page cache):", flush=True)
@@ -286,14 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     cold_read_med = med(cold_reads)
     warm_read_med = med(warm_reads)
     table: list[tuple[str, float | None, float | None, float | None]] = []
-    for i, s in enumerate(cold_reads):
-        table.append((f"cold read of the bytes{' #%d' % (i + 1) if len(cold_reads) > 1 else ''}", s, 1.0, None))
-    for i, (s, rss) in enumerate(cold_cmds):
-        table.append((f"cold command{' #%d' % (i + 1) if len(cold_cmds) > 1 else ''}", s, s / cold_reads[i], rss))
-    for i, s in enumerate(warm_reads):
+    for i, s in enumerate(cold_reads):  # in the order measured
+        suffix = f" #{i + 1}" if len(cold_reads) > 1 else ""
+        table.append((f"cold read of the bytes{suffix}", s, 1.0, None))
+        if i < len(cold_cmds):
+            table.append((f"cold command{suffix}", cold_cmds[i][0], cold_cmds[i][0] / s, cold_cmds[i][1]))
+    for i, s in enumerate(warm_reads):  # in the order measured: read, command, read, command, ...
         table.append((f"warm read of the bytes #{i + 1}", s, 1.0, None))
-    for i, (s, rss) in enumerate(warm_cmds):
-        table.append((f"warm command #{i + 1}", s, s / warm_reads[i], rss))
+        if i < len(warm_cmds):
+            table.append((f"warm command #{i + 1}", warm_cmds[i][0], warm_cmds[i][0] / s, warm_cmds[i][1]))
     table.append(("warm read of the bytes, median", warm_read_med, 1.0, None))
     if warm_cmds:
         table.append(("warm command, median", med([s for s, _ in warm_cmds]),
@@ -308,10 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{total_bytes / 1e9:.2f} GB in {len(files)} files; targets: {' '.join(args.targets)}; "
           f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
-    print("| measurement | seconds | ratio to read of bytes | peak RSS MB |")
-    print("|---|---:|---:|---:|")
+    cpu_of = {r["measurement"]: r["cpu_seconds"] for r in rows}
+    print("| measurement | seconds | ratio to read of bytes | peak RSS MB (2^20 B) | CPU s (user+sys) |")
+    print("|---|---:|---:|---:|---:|")
     for label, s, ratio, rss in table:
-        print(f"| {label} | {fmt(s)} | {fmt(ratio)} | {fmt(rss, 0)} |")
+        print(f"| {label} | {fmt(s)} | {fmt(ratio)} | {fmt(rss, 0)} | {fmt(cpu_of.get(label), 1)} |")
 
     checks: list[tuple[str, str, str, str]] = []
     if not args.read_only:
@@ -338,12 +423,23 @@ def main(argv: list[str] | None = None) -> int:
     elif cold_skipped and not args.no_cold:
         print(f"\ncold numbers skipped: {cold_skipped}")
 
+    cold_cpu = [r["cpu_seconds"] / r["seconds"] for r in rows if r["measurement"].startswith("cold read")]
+    if cold_cpu and max(cold_cpu) > 0.5:
+        print(f"\nNOTE: the cold reads kept a CPU busy {max(cold_cpu):.0%} of the time. In a VM, memory that the "
+              "cache drop frees can be handed back to the host (virtio_balloon free page reporting) and is "
+              "faulted back in as it is reused, which costs guest CPU and varies from run to run (13-33 s for the "
+              "same 14 GB on the machine this was written on). Use --repeats 3 or more and read the medians.")
+    if warnings:
+        print("\nWARNING: other processes used the CPUs during some measurements (see above); rerun on a quiet "
+              "machine before trusting the ratios")
+
     if args.json:
         args.json.write_text(json.dumps({
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
             "cpus": os.cpu_count(), "mem_total": mem.get("MemTotal"), "checkpoint": str(checkpoint),
             "bytes": total_bytes, "command": None if args.read_only else cmd_template, "targets": args.targets,
             "rows": rows, "checks": checks, "cold_skipped": cold_skipped, "failures": failures,
+            "warnings": warnings,
         }, indent=2) + "\n")
     return 1 if failures or any(c[3] == "FAIL" for c in checks) else 0
 

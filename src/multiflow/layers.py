@@ -53,7 +53,11 @@ class Inventory:
     reader: Callable[[list[Layer]], Iterator[tuple[Layer, torch.Tensor]]] | None = None
 
     def read(self, layers: list[Layer] | None = None) -> Iterator[tuple[Layer, torch.Tensor]]:
-        """Yield (layer, weight) for `layers` (default all), in the given order."""
+        """Yield (layer, weight) for `layers` (default all), in the given order.
+
+        A checkpoint's weight is valid only until the next one is requested
+        (buffers are reused); clone it to keep it.
+        """
         assert self.reader is not None
         return self.reader(self.layers if layers is None else layers)
 

@@ -147,7 +147,7 @@ def render_inventory(inv: Inventory) -> str:
     w()
     w("Rules (first match wins; embeddings, norms and output heads are always skipped)")
     for rule in inv.rules.rules:
-        w(f"  {rule.pattern!r:48} -> {rule.group:6} {rule.why}")
+        w(f"  {rule.pattern:46} -> {rule.group:6} {rule.why}")
     return out.getvalue()
 
 
