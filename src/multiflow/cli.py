@@ -76,6 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--all-layers", action="store_true", help="list every layer in the report, not the first and last 5")
     d.add_argument("--quiet", action="store_true", help="print only the output paths (no report, no progress bars)")
 
+    c = sub.add_parser(
+        "calibrate",
+        help="Step 2: activation statistics of every prunable layer from calibration image-text pairs",
+        description="Step 2 of MULTIFLOW: run the dense model over calibration image-text pairs and record, per "
+                    "prunable layer and input feature j, the mean of x_j^2 over all non-padding tokens "
+                    "(activations are never stored). Writes one stats.safetensors that Step 3 reuses for any "
+                    "sparsity and method.",
+    )
+    _model_args(c)
+    c.add_argument("--data", metavar="PATH",
+                   help="calibration data: a JSON/JSONL file ({image, question, answer} records or LLaVA "
+                        "'conversations'), a datasets save_to_disk folder, or parquet files with an image column "
+                        "and question/answer (or questions/answers) columns. Default: the bundled photographs")
+    c.add_argument("--nsamples", type=int, default=128, help="number of image-question samples (default 128)")
+    c.add_argument("--seed", type=int, default=0, help="which samples, in which order (default 0)")
+    c.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
+                   help="samples per forward pass (default 1); results equal up to float rounding")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype to run the model in (default float32)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available; default cpu)")
+    c.add_argument("--include-answers", action="store_true",
+                   help="append the answer to each prompt (default: the prompt ends at 'ASSISTANT:', as the seed)")
+    c.add_argument("--split-token-types", action="store_true",
+                   help="also record language-model statistics separately over image-token and text-token positions")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own Python code to run when loading (off by default)")
+    c.add_argument("--output", metavar="FILE", default="stats.safetensors",
+                   help="statistics file to write (default stats.safetensors)")
+    c.add_argument("--quiet", action="store_true", help="print only the output path (no report, no progress bar)")
+
     m = sub.add_parser(
         "modalities",
         help="print which layers belong to which modality, and what is skipped and why (reads headers only)",
@@ -130,6 +160,28 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from multiflow.calibration import CalibrationConfig, calibrate
+    from multiflow.report import render_stats
+
+    output = Path(args.output)
+    if output.is_dir():
+        raise MultiflowError(f"--output {output} is a folder; give a file name such as {output / 'stats.safetensors'}")
+    config = CalibrationConfig(
+        model=_resolve_model(args.model), output=output, data=Path(args.data) if args.data else None,
+        nsamples=args.nsamples, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+        include_answers=args.include_answers, split_token_types=args.split_token_types,
+        rules=Path(args.rules) if args.rules else None,
+        vision_tower=Path(args.vision_tower) if args.vision_tower else None,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+    )
+    stats, meta = calibrate(config, progress=not args.quiet)
+    if not args.quiet:
+        print(render_stats(stats, meta))
+    print(output)
+    return 0
+
+
 def cmd_modalities(args: argparse.Namespace) -> int:
     from multiflow import layers
     from multiflow.report import render_inventory
@@ -144,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="multiflow: %(levelname)s: %(message)s")
     try:
-        return {"distribute": cmd_distribute, "modalities": cmd_modalities}[args.command](args)
+        commands = {"distribute": cmd_distribute, "calibrate": cmd_calibrate, "modalities": cmd_modalities}
+        return commands[args.command](args)
     except MultiflowError as exc:
         print(f"multiflow: error: {exc}", file=sys.stderr)
         return 2

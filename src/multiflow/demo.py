@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-DEMO_NAME = "random-tiny-llava-v1"
+DEMO_NAME = "random-tiny-llava-v2"
+IMAGE_SIZE, PATCH_SIZE = 32, 8
+# LLaVA-1.5's conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>"
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 DEMO_LABEL = "bundled demo: tiny LLaVA with RANDOM seeded weights (untrained; for trying the tool only)"
 
 
@@ -22,17 +31,42 @@ def build_demo_model(seed: int = 0):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=32, patch_size=8)
+                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    processor = build_demo_processor()
     text = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=256)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=511, vision_feature_layer=-2)
+                       num_key_value_heads=4, vocab_size=len(processor.tokenizer), max_position_embeddings=512,
+                       pad_token_id=processor.tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                         vision_feature_layer=-2, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
     generator = torch.Generator().manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             scale = float(torch.empty(1).uniform_(-4.6, -3.2, generator=generator).exp())  # 0.01 .. 0.04
             param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return model
+    return model, processor
+
+
+def build_demo_processor():
+    """Character-level tokenizer (printable ASCII), CLIP image processor, LLaVA-1.5 chat template."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for ch in sorted(set(string.printable) - set("\x0b\x0c\r")):
+        vocab.setdefault(ch, len(vocab))
+    vocab["<image>"] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
+                          num_additional_image_tokens=1)
 
 
 def ensure_demo_model(cache_root: Path) -> Path:
@@ -43,7 +77,9 @@ def ensure_demo_model(cache_root: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}.", dir=folder.parent))
     try:
-        build_demo_model().save_pretrained(tmp)
+        model, processor = build_demo_model()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         (tmp / "README.txt").write_text(DEMO_LABEL + "\n")
         tmp.rename(folder)
     except OSError:

@@ -50,6 +50,7 @@ class Inventory:
     other_params: int = 0  # biases, norms, convolutions, buffers: never candidates
     notes: list[str] = field(default_factory=list)
     model_path: str | None = None
+    family: Family | None = None
     reader: Callable[[list[Layer]], Iterator[tuple[Layer, torch.Tensor]]] | None = None
 
     def read(self, layers: list[Layer] | None = None) -> Iterator[tuple[Layer, torch.Tensor]]:
@@ -182,7 +183,7 @@ def from_checkpoint(
         for entry, tensor in read_tensors([layer.handle for layer in wanted], prefetch=prefetch):
             yield by_entry[id(entry)], tensor
 
-    return Inventory(ruleset, naming, layers, skipped, other, notes, str(folder), reader)
+    return Inventory(ruleset, naming, layers, skipped, other, notes, str(folder), family, reader)
 
 
 def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = None) -> Inventory:
@@ -207,4 +208,4 @@ def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = Non
             yield layer, layer.handle.detach().cpu()
 
     naming = family.naming if family else "module"
-    return Inventory(ruleset, naming, layers, skipped, other, [], None, reader)
+    return Inventory(ruleset, naming, layers, skipped, other, [], None, family, reader)

@@ -83,7 +83,9 @@ class Family:
     `renames` turn checkpoint keys of every layout the family has into module
     names; the first pattern that matches wins (`re.sub`, once).
     `vision_tower_prefix`, when set, is where the weights of a separate CLIP
-    folder (`--vision-tower`) are placed.
+    folder (`--vision-tower`) are placed. `aligned_layers` selects the layers
+    whose inputs line up with the prompt's token positions (padding and image
+    tokens are told apart there in Step 2).
     """
 
     rules: ModalityRules
@@ -94,6 +96,7 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()
     vision_tower_prefix: str | None = None
     vision_tower_config_key: str | None = None
+    aligned_layers: str | None = None  # layers whose inputs line up with the prompt's tokens (Step 2)
 
     @property
     def name(self) -> str:
@@ -143,6 +146,7 @@ FAMILIES: tuple[Family, ...] = (
         config_keys=("mm_vision_tower", "mm_projector_type"),
         vision_tower_prefix="model.vision_tower.vision_tower.vision_model.",
         vision_tower_config_key="mm_vision_tower",
+        aligned_layers=r"^model\.layers\.",
     ),
     Family(
         rules=ModalityRules("llava", ("vision", "text", "fusion"), _LLAVA_RULES),
@@ -150,6 +154,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("llava",),
         architectures=("LlavaForConditionalGeneration",),
         renames=_LLAVA_RENAMES,
+        aligned_layers=r"^model\.language_model\.",
     ),
     Family(
         rules=ModalityRules("llava_next", ("vision", "text", "fusion"), _LLAVA_RULES),
@@ -157,6 +162,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("llava_next",),
         architectures=("LlavaNextForConditionalGeneration",),
         renames=_LLAVA_RENAMES,
+        aligned_layers=r"^model\.language_model\.",
     ),
     Family(
         rules=ModalityRules(
@@ -175,6 +181,7 @@ FAMILIES: tuple[Family, ...] = (
             (r"^visual\.", "model.visual."),
             (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
         ),
+        aligned_layers=r"^model\.language_model\.",
     ),
     Family(
         rules=ModalityRules(
@@ -190,6 +197,7 @@ FAMILIES: tuple[Family, ...] = (
         naming="transformers",
         model_types=("blip",),
         architectures=("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval"),
+        aligned_layers=r"^text_",
     ),
     Family(
         rules=ModalityRules(
@@ -205,6 +213,7 @@ FAMILIES: tuple[Family, ...] = (
         naming="transformers",
         model_types=("clip", "clip_vision_model"),
         architectures=("CLIPModel", "CLIPVisionModel"),
+        aligned_layers=r"^text_model\.",
     ),
 )
 

@@ -154,3 +154,40 @@ def render_inventory(inv: Inventory) -> str:
 def write(text: str, stream: TextIO) -> None:
     stream.write(text)
     stream.flush()
+
+
+def render_stats(stats: dict, meta: dict, edge: int = 5) -> str:
+    """`multiflow calibrate`: what was measured, per layer token counts and RMS input."""
+    out = io.StringIO()
+    w = lambda line="": print(line, file=out)  # noqa: E731
+    w(RULE)
+    w(f"MULTIFLOW Step 2: calibration statistics from {meta.get('nsamples')} samples ({meta.get('data')})")
+    w(f"Model: {meta.get('model')}   dtype: {meta.get('dtype')}   device: {meta.get('device')}   "
+      f"prompt: {meta.get('prompt')}")
+    w(RULE)
+    rows = [["Layer", "Tokens", "RMS input (mean a_j)", "max a_j / median a_j"]]
+    items = list(stats.items())
+    shown = items if len(items) <= 2 * edge else items[:edge] + [None] + items[-edge:]
+    for item in shown:
+        if item is None:
+            rows.append([f"... {len(items) - 2 * edge} more layers ...", "", "", ""])
+            continue
+        name, st = item
+        if st.sq_mean is None:
+            rows.append([name, "0", "NO TOKENS", "-"])
+            continue
+        a = st.sq_mean.sqrt()
+        median = float(a.median())
+        ratio = f"{float(a.max()) / median:.1f}" if median > 0 else "inf"
+        rows.append([name, f"{st.tokens:,}", f"{float(a.mean()):.4g}", ratio])
+    for line in _table(rows, {1, 2, 3}):
+        w(line)
+    silent = [n for n, st in stats.items() if not st.tokens]
+    if silent:
+        w(f"Layers that saw no token ({len(silent)}): {', '.join(silent)}")
+    typed = {k for st in stats.values() for k in st.by_type}
+    if typed:
+        w()
+        w("Token types (language-model layers): " + ", ".join(
+            f"{k}: {max(st.by_type[k][1] for st in stats.values() if k in st.by_type):,} tokens" for k in sorted(typed)))
+    return out.getvalue()

@@ -1,0 +1,162 @@
+"""Step 2: streaming activation statistics of every prunable linear layer.
+
+Per layer and input feature j: the running mean of x_j^2 over the calibration
+tokens it saw (padding excluded with the attention mask), kept as a float64
+sum and an exact token count. Activations are never stored: the extra memory
+is one vector per layer. The hooks are owned by a context manager and removed
+even on error.
+
+Layers whose inputs line up with the prompt's token positions (a language
+model's) use the attention mask, and can also be split by token type (image
+vs text positions). Other layers (a vision tower, a projector) see no padding:
+every row of their input counts.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from multiflow.errors import MultiflowError
+
+TOKEN_TYPES = ("image", "text")
+
+
+def square_sums(x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Per-feature sum of x^2 over the rows (all leading dims) where `keep` is true.
+
+    x: [..., in_features]; keep: bool mask over x's leading dims, or None for all.
+    Returns (float64 [in_features], rows counted).
+    """
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if keep is None:
+        return rows.square().sum(0).double(), rows.shape[0]
+    keep = keep.reshape(-1).to(device=rows.device)
+    if keep.shape[0] != rows.shape[0]:
+        raise ValueError(f"mask covers {keep.shape[0]} positions, input has {rows.shape[0]}")
+    return (keep.float() @ rows.square()).double(), int(keep.sum())
+
+
+@dataclass
+class RunningMean:
+    """sum x_j^2 (float64) and the number of tokens it covers."""
+
+    sq_sum: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, sq_sum: torch.Tensor, tokens: int) -> None:
+        self.sq_sum = sq_sum.clone() if self.sq_sum is None else self.sq_sum + sq_sum.to(self.sq_sum.device)
+        self.tokens += tokens
+
+    def mean(self) -> torch.Tensor | None:
+        """float32 mean of x_j^2 on the CPU, or None if no token was seen."""
+        if not self.tokens:
+            return None
+        return (self.sq_sum.cpu() / self.tokens).float()
+
+
+@dataclass
+class LayerStatistics:
+    in_features: int
+    all: RunningMean = field(default_factory=RunningMean)
+    by_type: dict[str, RunningMean] = field(default_factory=dict)
+
+
+class Collector:
+    """Accumulates statistics for named layers while the model runs batches."""
+
+    def __init__(self, in_features: dict[str, int], aligned: set[str], split_token_types: bool):
+        self.layers = {name: LayerStatistics(n) for name, n in in_features.items()}
+        self.aligned = aligned
+        self.split = split_token_types
+        self._keep: torch.Tensor | None = None
+        self._image: torch.Tensor | None = None
+        self._last: tuple[weakref.ref, bool, dict] | None = None
+
+    @contextmanager
+    def batch(self, attention_mask: torch.Tensor, image_positions: torch.Tensor | None = None) -> Iterator[None]:
+        """Positions of the next forward pass: non-padding tokens and image tokens ([batch, seq] each)."""
+        self._keep = attention_mask.bool()
+        self._image = None if image_positions is None else image_positions.bool() & self._keep
+        self._last = None
+        try:
+            yield
+        finally:
+            self._keep = self._image = None
+            self._last = None
+
+    def _sums(self, x: torch.Tensor, aligned: bool) -> dict[str, tuple[torch.Tensor, int]]:
+        # q/k/v (and gate/up) read the same input tensor: compute its sums once.
+        if self._last is not None and self._last[0]() is x and self._last[1] == aligned:
+            return self._last[2]
+        if aligned:
+            if self._keep is None or tuple(x.shape[:-1]) != tuple(self._keep.shape):
+                raise MultiflowError(
+                    f"a language-model layer got input of shape {list(x.shape)} but the batch mask is "
+                    f"{None if self._keep is None else list(self._keep.shape)}; run one full forward per batch "
+                    "inside Collector.batch(...) without a KV cache"
+                )
+            keep = self._keep.to(x.device)
+            out = {"all": square_sums(x, keep)}
+            if self.split:
+                image = (self._image if self._image is not None else torch.zeros_like(self._keep)).to(x.device)
+                out["image"] = square_sums(x, image)
+                out["text"] = square_sums(x, keep & ~image)
+        else:
+            out = {"all": square_sums(x, None)}
+        self._last = (weakref.ref(x), aligned, out)
+        return out
+
+    def hook_for(self, name: str):
+        stats = self.layers[name]
+        aligned = name in self.aligned
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.shape[-1] != stats.in_features:
+                raise MultiflowError(f"layer {name}: expected an input with {stats.in_features} features")
+            with torch.no_grad():
+                for kind, (sq_sum, tokens) in self._sums(x.detach(), aligned).items():
+                    target = stats.all if kind == "all" else stats.by_type.setdefault(kind, RunningMean())
+                    target.add(sq_sum, tokens)
+
+        return hook
+
+
+@contextmanager
+def collect_statistics(
+    model: nn.Module,
+    layer_names: list[str],
+    aligned_pattern: str | None,
+    split_token_types: bool = False,
+) -> Iterator[Collector]:
+    """Hook every named nn.Linear of `model`; hooks are removed on exit, even on error.
+
+    `aligned_pattern` (a regular expression, from the model family's data)
+    selects the layers whose inputs line up with the prompt's token positions.
+    """
+    modules = {}
+    for name in layer_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise MultiflowError(f"layer {name} is not a module of the loaded model") from None
+        if not isinstance(module, nn.Linear):
+            raise MultiflowError(f"layer {name} is a {type(module).__name__}, not nn.Linear")
+        modules[name] = module
+    aligned = {n for n in layer_names if aligned_pattern and re.search(aligned_pattern, n)}
+    collector = Collector({n: m.in_features for n, m in modules.items()}, aligned, split_token_types)
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(collector.hook_for(name)))
+        yield collector
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,133 @@
+"""Step 2 end to end on a tiny LLaVA with a processor, against an independent reference."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from multiflow.calibration import CalibrationConfig, build_prompt, calibrate
+from multiflow.cli import main
+from multiflow.errors import MultiflowError
+from multiflow.stats_file import load_stats
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from multiflow.demo import build_demo_model
+
+    model, processor = build_demo_model(seed=1)
+    folder = tmp_path_factory.mktemp("demo") / "llava"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i, (w, h) in enumerate([(40, 30), (32, 32), (50, 20), (24, 48), (33, 33)]):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "question": "What is shown" + "?" * (i + 1),
+                                 "answer": "noise " * (i + 1)}))
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "data.jsonl"
+
+
+def reference_stats(model, processor, samples, include_answers):
+    """Capture every prunable layer's full input, one sample at a time, and average in float64."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    sums = {n: 0 for n in names}
+    counts = {n: 0 for n in names}
+    captured = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: captured.__setitem__(n, args[0].detach().double())) for n in names]
+    try:
+        for s in samples:
+            prompt = build_prompt(processor, s.question, s.answer if include_answers else None)
+            inputs = processor(images=[s.image], text=[prompt], return_tensors="pt")
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+            for n in names:
+                rows = captured[n].reshape(-1, captured[n].shape[-1])
+                sums[n] = sums[n] + rows.square().sum(0)
+                counts[n] += rows.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / counts[n], counts[n]) for n in names}
+
+
+@pytest.mark.parametrize("include_answers", [False, True])
+def test_stats_match_reference(demo, jsonl, tmp_path, include_answers):
+    from multiflow.calibration_data import load_samples
+
+    folder, model, processor = demo
+    config = CalibrationConfig(model=folder, output=tmp_path / "stats.safetensors", data=jsonl, nsamples=5,
+                               batch_size=2, include_answers=include_answers)
+    calibrate(config, progress=False)
+    stats, meta = load_stats(tmp_path / "stats.safetensors")
+    samples, _ = load_samples(jsonl, 5, 0)
+    expected = reference_stats(model.eval(), processor, samples, include_answers)
+    assert set(stats) == set(expected)
+    for name, (mean, count) in expected.items():
+        assert stats[name].tokens == count, name
+        rel = ((stats[name].sq_mean.double() - mean).abs() / mean.abs().clamp_min(1e-30)).max()
+        assert rel <= 1e-5, (name, float(rel))
+    assert meta["nsamples"] == 5 and meta["naming"] == "transformers"
+    assert meta["prompt"] == ("with answers" if include_answers else "ends at the answer slot")
+
+
+def test_batch_size_does_not_change_result(demo, jsonl, tmp_path):
+    folder, _, _ = demo
+    results = []
+    for bs in (1, 3, 5):
+        out = tmp_path / f"s{bs}.safetensors"
+        calibrate(CalibrationConfig(model=folder, output=out, data=jsonl, nsamples=5, batch_size=bs,
+                                    split_token_types=True), progress=False)
+        results.append(load_stats(out)[0])
+    for other in results[1:]:
+        for name, st in results[0].items():
+            assert other[name].tokens == st.tokens
+            assert torch.allclose(other[name].sq_mean, st.sq_mean, rtol=1e-5, atol=0)
+            for kind, (mean, tokens) in st.by_type.items():
+                assert other[name].by_type[kind][1] == tokens
+
+
+def test_split_token_types_partition_the_language_model_tokens(demo, jsonl, tmp_path):
+    folder, _, processor = demo
+    out = tmp_path / "s.safetensors"
+    calibrate(CalibrationConfig(model=folder, output=out, data=jsonl, nsamples=5, split_token_types=True),
+              progress=False)
+    stats, _ = load_stats(out)
+    lm = stats["model.language_model.layers.0.self_attn.q_proj"]
+    image, text = lm.by_type["image"], lm.by_type["text"]
+    assert image[1] == 5 * 16 and image[1] + text[1] == lm.tokens
+    merged = (image[0].double() * image[1] + text[0].double() * text[1]) / lm.tokens
+    assert torch.allclose(merged.float(), lm.sq_mean, rtol=1e-5)
+    assert not stats["model.vision_tower.encoder.layers.0.mlp.fc1"].by_type
+
+
+def test_cli_calibrate_and_bad_inputs(demo, jsonl, tmp_path, capsys):
+    folder, _, _ = demo
+    out = tmp_path / "stats.safetensors"
+    assert main(["calibrate", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2",
+                 "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "MULTIFLOW Step 2" in text and str(out) in text and out.is_file()
+    assert main(["calibrate", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl"),
+                 "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert main(["calibrate", "--model", str(folder), "--nsamples", "0", "--output", str(tmp_path / "y")]) == 2
+    assert "--nsamples" in capsys.readouterr().err
+
+
+def test_model_without_processor_is_a_clear_error(llava, tmp_path):
+    _, folders = llava
+    with pytest.raises(MultiflowError, match="processor"):
+        calibrate(CalibrationConfig(model=folders["hf5"], output=tmp_path / "s.safetensors", nsamples=1),
+                  progress=False)
+    assert not (tmp_path / "s.safetensors").exists()
