@@ -46,6 +46,48 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _calibration_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--data", metavar="PATH",
+                   help="calibration data: a JSON/JSONL file ({image, question, answer} records or LLaVA "
+                        "'conversations'), a datasets save_to_disk folder, or parquet files with an image column "
+                        "and question/answer (or questions/answers) columns. Default: the bundled photographs")
+    c.add_argument("--nsamples", type=int, default=128, help="number of image-question samples (default 128)")
+    c.add_argument("--seed", type=int, default=0, help="which samples, in which order (default 0)")
+    c.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
+                   help="samples per forward pass (default 1); results equal up to float rounding")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype to run the model in (default float32)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available; default cpu)")
+    c.add_argument("--include-answers", action="store_true",
+                   help="append the answer to each prompt (default: the prompt ends at 'ASSISTANT:', as the seed)")
+    c.add_argument("--split-token-types", action="store_true",
+                   help="also record language-model statistics separately over image-token and text-token positions")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the checkpoint's own Python code to run when loading (off by default)")
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["multiflow", "wanda", "magnitude"], default="multiflow",
+                   help="score: multiflow = information flow (paper Eq. 6), wanda = |W|*||x||, magnitude = |W| "
+                        "(default multiflow)")
+    p.add_argument("--allocation", choices=["modality", "uniform", "global"], default="modality",
+                   help="per-layer sparsity: modality = Step 1's per-modality magnitude map (default), uniform = "
+                        "every layer at the target, global = one magnitude threshold over all modalities (ablation)")
+    p.add_argument("--group", choices=["layer", "row"], default="layer",
+                   help="comparison group for the threshold: the whole matrix (default, as the paper) or each "
+                        "output row (Wanda's choice)")
+    p.add_argument("--structure", default="unstructured",
+                   help="unstructured (default) or N:M = keep N of every M consecutive inputs of a row "
+                        "(2:4 keeps 2 of 4); with N:M the allocation does not apply")
+    p.add_argument("--dead-layers", choices=["keep", "prune"], default="keep",
+                   help="layers whose output never reaches the model's output (LLaVA-1.5: the last CLIP layer): "
+                        "keep = treat as any layer (default, as the paper); prune = zero them and count them "
+                        "toward their modality's target")
+    p.add_argument("--output", metavar="DIR", required=True, help="folder for the pruned checkpoint (must be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--quiet", action="store_true", help="print only the output path (no report, no progress bars)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="multiflow",
@@ -85,26 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "sparsity and method.",
     )
     _model_args(c)
-    c.add_argument("--data", metavar="PATH",
-                   help="calibration data: a JSON/JSONL file ({image, question, answer} records or LLaVA "
-                        "'conversations'), a datasets save_to_disk folder, or parquet files with an image column "
-                        "and question/answer (or questions/answers) columns. Default: the bundled photographs")
-    c.add_argument("--nsamples", type=int, default=128, help="number of image-question samples (default 128)")
-    c.add_argument("--seed", type=int, default=0, help="which samples, in which order (default 0)")
-    c.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
-                   help="samples per forward pass (default 1); results equal up to float rounding")
-    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="dtype to run the model in (default float32)")
-    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available; default cpu)")
-    c.add_argument("--include-answers", action="store_true",
-                   help="append the answer to each prompt (default: the prompt ends at 'ASSISTANT:', as the seed)")
-    c.add_argument("--split-token-types", action="store_true",
-                   help="also record language-model statistics separately over image-token and text-token positions")
-    c.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the checkpoint's own Python code to run when loading (off by default)")
+    _calibration_args(c)
     c.add_argument("--output", metavar="FILE", default="stats.safetensors",
                    help="statistics file to write (default stats.safetensors)")
     c.add_argument("--quiet", action="store_true", help="print only the output path (no report, no progress bar)")
+
+    p = sub.add_parser(
+        "prune",
+        help="Step 3: prune with a distribution and statistics; write a checkpoint that loads with from_pretrained",
+        description="Step 3 of MULTIFLOW (paper Eq. 8): per layer, prune the k lowest scores (k from the "
+                    "allocation; ties with the k-th pruned too) and write a copy of the checkpoint with those "
+                    "weights zeroed: same files, keys, dtype and sharding, plus multiflow_report.json.",
+    )
+    _model_args(p)
+    _prune_args(p)
+    p.add_argument("--distribution", metavar="FILE",
+                   help="Step 1's sparsity_distribution_<s>.json (allocation modality); computed here when omitted")
+    p.add_argument("--stats", metavar="FILE", help="Step 2's stats.safetensors (needed by --method multiflow and wanda)")
+    p.add_argument("--target-sparsity", "--target_sparsity", dest="target", type=_target, metavar="S",
+                   help="target sparsity in [0, 1) (taken from --distribution when given)")
+
+    r = sub.add_parser(
+        "run",
+        help="Steps 1-3 end to end: distribute, calibrate, prune; one output folder",
+        description="Run MULTIFLOW end to end: Step 1 (distribution), Step 2 (calibration statistics, when the "
+                    "method needs them) and Step 3 (prune and save). Accepts the options of distribute, "
+                    "calibrate and prune.",
+    )
+    _model_args(r)
+    _prune_args(r)
+    _calibration_args(r)
+    r.add_argument("--target-sparsity", "--target_sparsity", dest="target", type=_target, metavar="S",
+                   required=False, help="target sparsity in [0, 1) (required unless --structure N:M)")
 
     m = sub.add_parser(
         "modalities",
@@ -182,6 +236,57 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_config(args: argparse.Namespace, model: Path, stats: Path | None, distribution: Path | None):
+    from multiflow.pruning import PruneConfig, Structure
+
+    return PruneConfig(
+        model=model, output=Path(args.output), target_sparsity=args.target, distribution=distribution,
+        stats=stats, method=args.method, allocation=args.allocation, group=args.group,
+        structure=Structure.parse(args.structure), dead_layers=args.dead_layers,
+        rules=Path(args.rules) if args.rules else None, overwrite=args.overwrite,
+    )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from multiflow.pruning import prune
+    from multiflow.report import render_prune
+
+    config = _prune_config(args, _resolve_model(args.model), Path(args.stats) if args.stats else None,
+                           Path(args.distribution) if args.distribution else None)
+    report = prune(config, progress=not args.quiet)
+    if not args.quiet:
+        print(render_prune(report))
+    print(config.output)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from multiflow.calibration import CalibrationConfig, calibrate
+    from multiflow.pruning import prune
+    from multiflow.report import render_prune
+
+    model = _resolve_model(args.model)
+    config = _prune_config(args, model, Path("stats.safetensors") if args.method != "magnitude" else None, None)
+    meta = None
+    with tempfile.TemporaryDirectory(prefix="multiflow-run-") as scratch:
+        if args.method != "magnitude":
+            stats = Path(scratch) / "stats.safetensors"
+            _, meta = calibrate(CalibrationConfig(
+                model=model, output=stats, data=Path(args.data) if args.data else None, nsamples=args.nsamples,
+                seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                include_answers=args.include_answers, split_token_types=args.split_token_types,
+                rules=Path(args.rules) if args.rules else None, trust_remote_code=args.trust_remote_code,
+            ), progress=not args.quiet)
+            config = _prune_config(args, model, stats, None)
+        report = prune(config, progress=not args.quiet, calibration=meta)
+    if not args.quiet:
+        print(render_prune(report))
+    print(config.output)
+    return 0
+
+
 def cmd_modalities(args: argparse.Namespace) -> int:
     from multiflow import layers
     from multiflow.report import render_inventory
@@ -196,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="multiflow: %(levelname)s: %(message)s")
     try:
-        commands = {"distribute": cmd_distribute, "calibrate": cmd_calibrate, "modalities": cmd_modalities}
+        commands = {"distribute": cmd_distribute, "calibrate": cmd_calibrate, "prune": cmd_prune, "run": cmd_run,
+                    "modalities": cmd_modalities}
         return commands[args.command](args)
     except MultiflowError as exc:
         print(f"multiflow: error: {exc}", file=sys.stderr)

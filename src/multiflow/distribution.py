@@ -183,20 +183,44 @@ class _Boundary:
     fine_bin: int = -1  # resolved second level (two-level key spaces only)
 
 
-def distribute(inventory: Inventory, targets: Iterable[float], progress: bool = True) -> list[Distribution]:
-    """Step 1 for every target at once, from one read of the weights (two for float32)."""
+def distribute(
+    inventory: Inventory,
+    targets: Iterable[float],
+    progress: bool = True,
+    pooled: bool = False,
+    dead: Iterable[str] = (),
+) -> list[Distribution]:
+    """Step 1 for every target at once, from one read of the weights (two for float32).
+
+    `pooled`: one threshold over all layers instead of one per modality (the
+    "global" ablation). `dead`: layers pruned entirely (their output never
+    reaches the model's output); they count toward their group's budget, so
+    the live layers of that group carry less sparsity at the same total.
+    """
     targets = [check_target(t) for t in targets]
     if not targets:
         raise MultiflowError("give at least one target sparsity")
-    groups = {m: ls for m, ls in inventory.by_modality().items() if ls}
+    dead = set(dead)
+    unknown = dead - {l.name for l in inventory.layers}
+    if unknown:
+        raise MultiflowError(f"dead layer {sorted(unknown)[0]} is not a prunable layer of this model")
+    group_of = (lambda layer: "all") if pooled else (lambda layer: layer.modality)
+    live = [l for l in inventory.layers if l.name not in dead]
+    groups: dict[str, list[Layer]] = {}
+    for layer in live:
+        groups.setdefault(group_of(layer), []).append(layer)
+    reserved: dict[str, int] = {}
+    for layer in inventory.layers:
+        if layer.name in dead:
+            reserved[group_of(layer)] = reserved.get(group_of(layer), 0) + layer.numel
     spaces = {m: selection.key_space_for({layer.dtype for layer in ls}) for m, ls in groups.items()}
 
     coarse: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=sum(l.numel for l in inventory.layers), unit="w", unit_scale=True,
+    bar = tqdm(total=sum(l.numel for l in live), unit="w", unit_scale=True,
                desc="Step 1: |W| histograms", disable=not progress)
     with bar:
-        for layer, weight in inventory.read():
-            space = spaces[layer.modality]
+        for layer, weight in inventory.read(live):
+            space = spaces[group_of(layer)]
             hist = selection.coarse_histogram(weight, space)
             if int(hist[space.nonfinite_key >> space.shift :].sum()):
                 raise MultiflowError(f"layer {layer.name} contains NaN or inf weights; fix the checkpoint first")
@@ -206,8 +230,8 @@ def distribute(inventory: Inventory, targets: Iterable[float], progress: bool = 
     boundaries: dict[tuple[float, str], _Boundary] = {}
     for s in targets:
         for m, layers in groups.items():
-            total = sum(l.numel for l in layers)
-            b = _Boundary(k=math.floor(total * s))
+            total = sum(l.numel for l in layers) + reserved.get(m, 0)
+            b = _Boundary(k=max(0, math.floor(total * s) - reserved.get(m, 0)))
             if b.k > 0:
                 summed = torch.stack([coarse[l.name].to(torch.int64) for l in layers]).sum(0)
                 b.coarse_bin, b.rank = selection.locate(summed, b.k)
@@ -217,12 +241,13 @@ def distribute(inventory: Inventory, targets: Iterable[float], progress: bool = 
 
     distributions = []
     for s in targets:
-        shares, thresholds = {}, {}
+        shares = {l.name: LayerShare(l.modality, l.numel, l.numel) for l in inventory.layers if l.name in dead}
+        thresholds = {}
         for m, layers in groups.items():
             space, b = spaces[m], boundaries[(s, m)]
             if b.k == 0:
                 thresholds[m] = {"k": 0, "threshold": None, "threshold_key": None, "key_dtype": _dtype_name(space.dtype)}
-                shares.update({l.name: LayerShare(m, l.numel, 0) for l in layers})
+                shares.update({l.name: LayerShare(l.modality, l.numel, 0) for l in layers})
                 continue
             if space.two_level:
                 summed = sum(fine[(l.name, b.coarse_bin)] for l in layers)
@@ -237,11 +262,13 @@ def distribute(inventory: Inventory, targets: Iterable[float], progress: bool = 
                     )
                 else:
                     pruned = selection.count_through(coarse[l.name], key)
-                shares[l.name] = LayerShare(m, l.numel, pruned)
+                shares[l.name] = LayerShare(l.modality, l.numel, pruned)
             thresholds[m] = {"k": b.k, "threshold": space.value(key), "threshold_key": key,
                              "key_dtype": _dtype_name(space.dtype)}
         ordered = {l.name: shares[l.name] for l in inventory.layers}
-        distributions.append(Distribution(s, ordered, inventory.rules.modalities, thresholds, _meta(inventory, groups)))
+        meta = _meta(inventory, groups)
+        meta.update(pooled=pooled, dead_layers=sorted(dead, key=list(ordered).index))
+        distributions.append(Distribution(s, ordered, inventory.rules.modalities, thresholds, meta))
     return distributions
 
 
@@ -255,13 +282,14 @@ def _fine_pass(inventory, groups, spaces, boundaries, progress) -> dict[tuple[st
     if not wanted:
         return {}
     layers = [l for l in inventory.layers if l.name in wanted]
+    space_of = {l.name: spaces[m] for m, ls in groups.items() for l in ls}
     fine = {}
     bar = tqdm(total=sum(l.numel for l in layers), unit="w", unit_scale=True,
                desc="Step 1: float32 boundary bins", disable=not progress)
     with bar:
         for layer, weight in inventory.read(layers):
             for coarse_bin in sorted(wanted[layer.name]):
-                fine[(layer.name, coarse_bin)] = selection.fine_histogram(weight, spaces[layer.modality], coarse_bin)
+                fine[(layer.name, coarse_bin)] = selection.fine_histogram(weight, space_of[layer.name], coarse_bin)
             bar.update(layer.numel)
     return fine
 

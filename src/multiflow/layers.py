@@ -52,6 +52,13 @@ class Inventory:
     model_path: str | None = None
     family: Family | None = None
     reader: Callable[[list[Layer]], Iterator[tuple[Layer, torch.Tensor]]] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def dead_layers(self) -> list[str]:
+        """Prunable layers whose output cannot reach the model's output (family data)."""
+        if self.family is None:
+            return []
+        return self.family.dead_layers(self.config, [layer.name for layer in self.layers])
 
     def read(self, layers: list[Layer] | None = None) -> Iterator[tuple[Layer, torch.Tensor]]:
         """Yield (layer, weight) for `layers` (default all), in the given order.
@@ -183,7 +190,7 @@ def from_checkpoint(
         for entry, tensor in read_tensors([layer.handle for layer in wanted], prefetch=prefetch):
             yield by_entry[id(entry)], tensor
 
-    return Inventory(ruleset, naming, layers, skipped, other, notes, str(folder), family, reader)
+    return Inventory(ruleset, naming, layers, skipped, other, notes, str(folder), family, reader, config)
 
 
 def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = None) -> Inventory:
@@ -208,4 +215,4 @@ def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = Non
             yield layer, layer.handle.detach().cpu()
 
     naming = family.naming if family else "module"
-    return Inventory(ruleset, naming, layers, skipped, other, [], None, family, reader)
+    return Inventory(ruleset, naming, layers, skipped, other, [], None, family, reader, config)

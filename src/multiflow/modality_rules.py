@@ -97,6 +97,28 @@ class Family:
     vision_tower_prefix: str | None = None
     vision_tower_config_key: str | None = None
     aligned_layers: str | None = None  # layers whose inputs line up with the prompt's tokens (Step 2)
+    # Dead layers: vision layers past the one whose output the model reads (config key), by index.
+    feature_layer_key: str | None = None
+    vision_layer_pattern: str | None = None  # regex whose group 1 is the vision layer index
+
+    def dead_layers(self, config: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+        """Vision layers whose output cannot reach the model's output.
+
+        With feature layer f (hidden_states[f]; hidden_states[0] is the
+        embeddings) of L layers, layers f..L-1 (0-based) are never used:
+        LLaVA-1.5's f = -2 leaves the last CLIP layer dead.
+        """
+        if not self.feature_layer_key or not self.vision_layer_pattern or self.feature_layer_key not in config:
+            return []
+        names = list(names)
+        index = {n: int(m.group(1)) for n in names if (m := re.search(self.vision_layer_pattern, n))}
+        if not index:
+            return []
+        count = max(index.values()) + 1
+        chosen = config[self.feature_layer_key]
+        chosen = chosen if isinstance(chosen, list) else [chosen]
+        used = max(int(f) if int(f) >= 0 else count + 1 + int(f) for f in chosen)
+        return [n for n in names if n in index and index[n] >= used]
 
     @property
     def name(self) -> str:
@@ -147,6 +169,8 @@ FAMILIES: tuple[Family, ...] = (
         vision_tower_prefix="model.vision_tower.vision_tower.vision_model.",
         vision_tower_config_key="mm_vision_tower",
         aligned_layers=r"^model\.layers\.",
+        feature_layer_key="mm_vision_select_layer",
+        vision_layer_pattern=r"^model\.vision_tower\.vision_tower\.vision_model\.encoder\.layers\.(\d+)\.",
     ),
     Family(
         rules=ModalityRules("llava", ("vision", "text", "fusion"), _LLAVA_RULES),
@@ -155,6 +179,8 @@ FAMILIES: tuple[Family, ...] = (
         architectures=("LlavaForConditionalGeneration",),
         renames=_LLAVA_RENAMES,
         aligned_layers=r"^model\.language_model\.",
+        feature_layer_key="vision_feature_layer",
+        vision_layer_pattern=r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
     ),
     Family(
         rules=ModalityRules("llava_next", ("vision", "text", "fusion"), _LLAVA_RULES),
@@ -163,6 +189,8 @@ FAMILIES: tuple[Family, ...] = (
         architectures=("LlavaNextForConditionalGeneration",),
         renames=_LLAVA_RENAMES,
         aligned_layers=r"^model\.language_model\.",
+        feature_layer_key="vision_feature_layer",
+        vision_layer_pattern=r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
     ),
     Family(
         rules=ModalityRules(

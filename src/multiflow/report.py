@@ -191,3 +191,37 @@ def render_stats(stats: dict, meta: dict, edge: int = 5) -> str:
         w("Token types (language-model layers): " + ", ".join(
             f"{k}: {max(st.by_type[k][1] for st in stats.values() if k in st.by_type):,} tokens" for k in sorted(typed)))
     return out.getvalue()
+
+
+def render_prune(report: dict, edge: int = 5) -> str:
+    """`multiflow prune` / `run`: what was pruned, per modality and for the first and last layers."""
+    out = io.StringIO()
+    w = lambda line="": print(line, file=out)  # noqa: E731
+    w(RULE)
+    w(f"MULTIFLOW Step 3: {report['method']} scores, allocation {report['allocation']}, group {report['group']}, "
+      f"structure {report['structure']}, dead layers {report['dead_layers']}")
+    w(f"Model: {report['model']}   target sparsity: {report['target_sparsity']}")
+    w(RULE)
+    for note in report.get("notes", []):
+        w(f"NOTE: {note}")
+    rows = [["Modality", "Layers", "Parameters", "Pruned", "Sparsity"]]
+    for m, t in report["modalities"].items():
+        rows.append([m.upper(), str(t["layers"]), f"{t['params']:,}", f"{t['pruned']:,}", _pct(t["achieved_sparsity"])])
+    g = report["global"]
+    rows.append(["GLOBAL", str(g["layers"]), f"{g['params']:,}", f"{g['pruned']:,}", _pct(g["achieved_sparsity"])])
+    for line in _table(rows, {1, 2, 3, 4}):
+        w(line)
+    w()
+    items = list(report["layers"].items())
+    shown = items if len(items) <= 2 * edge else items[:edge] + [None] + items[-edge:]
+    rows = [["Layer", "Target", "Achieved", "Kept"]]
+    for item in shown:
+        if item is None:
+            rows.append([f"... {len(items) - 2 * edge} more layers (multiflow_report.json lists all) ...", "", "", ""])
+            continue
+        name, info = item
+        rows.append([name + (" (dead)" if info.get("dead") else ""), _pct(info["target_sparsity"]),
+                     _pct(info["achieved_sparsity"]), f"{info['kept']:,}"])
+    for line in _table(rows, {1, 2, 3}):
+        w(line)
+    return out.getvalue()
