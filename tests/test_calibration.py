@@ -131,3 +131,23 @@ def test_model_without_processor_is_a_clear_error(llava, tmp_path):
         calibrate(CalibrationConfig(model=folders["hf5"], output=tmp_path / "s.safetensors", nsamples=1),
                   progress=False)
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_run_equals_calibrate_then_prune(demo, jsonl, tmp_path, capsys):
+    import multiflow
+
+    folder, _, _ = demo
+    report = multiflow.run(folder, tmp_path / "run", 0.5, data=jsonl, nsamples=3, batch_size=2)
+    multiflow.calibrate(folder, tmp_path / "s.safetensors", data=jsonl, nsamples=3, batch_size=2)
+    step_by_step = multiflow.prune(folder, tmp_path / "steps", 0.5, stats=tmp_path / "s.safetensors")
+    assert report["layers"] == step_by_step["layers"] and report["calibration"]["nsamples"] == 3
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "steps" / "model.safetensors").read_bytes()
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "run")
+    AutoProcessor.from_pretrained(tmp_path / "run")
+    assert main(["run", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--target-sparsity", "0.3",
+                 "--method", "wanda", "--allocation", "uniform", "--output", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "multiflow_report.json").read_text())["allocation"] == "uniform"
+    assert main(["run", "--model", str(folder), "--output", str(tmp_path / "x")]) == 2
+    assert "--target-sparsity" in capsys.readouterr().err and not (tmp_path / "x").exists()

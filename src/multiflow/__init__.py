@@ -4,8 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from multiflow.api import compute_distribution, compute_distributions  # noqa: E402
+from multiflow.api import calibrate, compute_distribution, compute_distributions, prune, run  # noqa: E402
 from multiflow.distribution import Distribution, LayerShare  # noqa: E402
 from multiflow.errors import MultiflowError  # noqa: E402
 
-__all__ = ["Distribution", "LayerShare", "MultiflowError", "compute_distribution", "compute_distributions", "__version__"]
+__all__ = ["Distribution", "LayerShare", "MultiflowError", "calibrate", "compute_distribution",
+           "compute_distributions", "prune", "run", "__version__"]

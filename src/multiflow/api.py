@@ -52,3 +52,56 @@ def compute_distribution(
     `ModalityRules`.
     """
     return compute_distributions(model, [target_sparsity], rules, **kwargs)[0]
+
+
+def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safetensors", *, data=None,
+              nsamples: int = 128, seed: int = 0, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
+              include_answers: bool = False, split_token_types: bool = False, rules=None,
+              trust_remote_code: bool = False, progress: bool = False):
+    """Step 2: write the activation statistics of every prunable layer to `output`; returns (stats, metadata)."""
+    from multiflow.calibration import CalibrationConfig
+    from multiflow.calibration import calibrate as _calibrate
+
+    return _calibrate(CalibrationConfig(
+        model=Path(model), output=Path(output), data=None if data is None else Path(data), nsamples=nsamples,
+        seed=seed, batch_size=batch_size, dtype=dtype, device=device, include_answers=include_answers,
+        split_token_types=split_token_types, rules=None if rules is None else Path(rules),
+        trust_remote_code=trust_remote_code), progress)
+
+
+def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *,
+          distribution=None, stats=None, method: str = "multiflow", allocation: str = "modality",
+          group: str = "layer", structure: str = "unstructured", dead_layers: str = "keep", rules=None,
+          overwrite: bool = False, progress: bool = False, calibration: dict | None = None) -> dict:
+    """Step 3: write the pruned checkpoint folder `output`; returns the report (multiflow_report.json)."""
+    from multiflow.pruning import PruneConfig, Structure
+    from multiflow.pruning import prune as _prune
+
+    as_path = lambda p: None if p is None else Path(p)  # noqa: E731
+    return _prune(PruneConfig(
+        model=Path(model), output=Path(output), target_sparsity=target_sparsity,
+        distribution=as_path(distribution), stats=as_path(stats), method=method, allocation=allocation, group=group,
+        structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite),
+        progress, calibration)
+
+
+def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *, data=None,
+        nsamples: int = 128, seed: int = 0, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
+        include_answers: bool = False, split_token_types: bool = False, method: str = "multiflow",
+        allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
+        dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
+        progress: bool = False) -> dict:
+    """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`."""
+    import tempfile
+
+    prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
+                      dead_layers=dead_layers, rules=rules, overwrite=overwrite, progress=progress)
+    if method == "magnitude":
+        return prune(model, output, target_sparsity, **prune_args)
+    with tempfile.TemporaryDirectory(prefix="multiflow-run-") as scratch:
+        stats_path = Path(scratch) / "stats.safetensors"
+        _, meta = calibrate(model, stats_path, data=data, nsamples=nsamples, seed=seed, batch_size=batch_size,
+                            dtype=dtype, device=device, include_answers=include_answers,
+                            split_token_types=split_token_types, rules=rules,
+                            trust_remote_code=trust_remote_code, progress=progress)
+        return prune(model, output, target_sparsity, stats=stats_path, calibration=meta, **prune_args)

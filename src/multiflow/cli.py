@@ -261,29 +261,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from multiflow.calibration import CalibrationConfig, calibrate
-    from multiflow.pruning import prune
+    from multiflow import api
+    from multiflow.pruning import Structure
     from multiflow.report import render_prune
 
-    model = _resolve_model(args.model)
-    config = _prune_config(args, model, Path("stats.safetensors") if args.method != "magnitude" else None, None)
-    meta = None
-    with tempfile.TemporaryDirectory(prefix="multiflow-run-") as scratch:
-        if args.method != "magnitude":
-            stats = Path(scratch) / "stats.safetensors"
-            _, meta = calibrate(CalibrationConfig(
-                model=model, output=stats, data=Path(args.data) if args.data else None, nsamples=args.nsamples,
-                seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                include_answers=args.include_answers, split_token_types=args.split_token_types,
-                rules=Path(args.rules) if args.rules else None, trust_remote_code=args.trust_remote_code,
-            ), progress=not args.quiet)
-            config = _prune_config(args, model, stats, None)
-        report = prune(config, progress=not args.quiet, calibration=meta)
+    Structure.parse(args.structure)  # validate before the long calibration pass
+    if args.target is None and args.structure == "unstructured":
+        raise MultiflowError("give --target-sparsity (or --structure N:M)")
+    if Path(args.output).exists() and any(Path(args.output).iterdir()) and not args.overwrite:
+        raise MultiflowError(f"--output {args.output} exists and is not empty; pass --overwrite or choose another folder")
+    report = api.run(
+        _resolve_model(args.model), args.output, args.target, data=args.data, nsamples=args.nsamples, seed=args.seed,
+        batch_size=args.batch_size, dtype=args.dtype, device=args.device, include_answers=args.include_answers,
+        split_token_types=args.split_token_types, method=args.method, allocation=args.allocation, group=args.group,
+        structure=args.structure, dead_layers=args.dead_layers, rules=args.rules, overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code, progress=not args.quiet,
+    )
     if not args.quiet:
         print(render_prune(report))
-    print(config.output)
+    print(args.output)
     return 0
 
 
