@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test bench-step1 clean
+.PHONY: demo test clean
 
 $(BIN)/multiflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,9 +12,9 @@ $(BIN)/multiflow: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
-## demo: Step 1 on the bundled demo model (tiny LLaVA, random seeded weights), outputs in out/
+## demo: Steps 1-3 on the bundled demo model (tiny LLaVA, random seeded weights); the pruned model in out/
 demo: $(BIN)/multiflow
-	HF_HUB_OFFLINE=1 $(BIN)/multiflow distribute --target-sparsity 0.5 --output out/
+	HF_HUB_OFFLINE=1 $(BIN)/multiflow run --target-sparsity 0.5 --output out/ --overwrite
 
 ## test: the whole test suite, offline, on CPU
 test: $(BIN)/multiflow
