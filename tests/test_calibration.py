@@ -151,3 +151,39 @@ def test_run_equals_calibrate_then_prune(demo, jsonl, tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / "multiflow_report.json").read_text())["allocation"] == "uniform"
     assert main(["run", "--model", str(folder), "--output", str(tmp_path / "x")]) == 2
     assert "--target-sparsity" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_original_layout_converted_on_the_fly_equals_hf(demo, jsonl, tmp_path):
+    """The demo model written in the original LLaVA layout (+ a separate CLIP folder) calibrates identically."""
+    from conftest import original_key, write_checkpoint
+
+    folder, model, processor = demo
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    text = model.config.text_config.to_dict()
+    text.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower="clip-local",
+                mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+    original = write_checkpoint(tmp_path / "orig", {original_key(k): v for k, v in sd.items()
+                                                    if not k.startswith("model.vision_tower.")}, text)
+    processor.tokenizer.save_pretrained(original)
+    clip_config = dict(model.config.vision_config.to_dict(), model_type="clip_vision_model")
+    clip = write_checkpoint(tmp_path / "clip", {"vision_model." + k[len("model.vision_tower."):]: v
+                                                for k, v in sd.items() if k.startswith("model.vision_tower.")},
+                            clip_config)
+    processor.image_processor.save_pretrained(clip)
+
+    with pytest.raises(MultiflowError, match="--vision-tower"):
+        calibrate(CalibrationConfig(model=original, output=tmp_path / "x.safetensors", data=jsonl, nsamples=2),
+                  progress=False)
+    calibrate(CalibrationConfig(model=original, output=tmp_path / "o.safetensors", data=jsonl, nsamples=4,
+                                vision_tower=clip), progress=False)
+    calibrate(CalibrationConfig(model=folder, output=tmp_path / "h.safetensors", data=jsonl, nsamples=4),
+              progress=False)
+    got, meta = load_stats(tmp_path / "o.safetensors")
+    want, _ = load_stats(tmp_path / "h.safetensors")
+    assert meta["naming"] == "llava-original"
+    assert "model.mm_projector.0" in got and "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1" in got
+    renamed = {original_key(k + ".weight").removesuffix(".weight"): v for k, v in want.items()}
+    assert set(got) == set(renamed)
+    for name, st in got.items():
+        assert st.tokens == renamed[name].tokens, name
+        assert torch.allclose(st.sq_mean, renamed[name].sq_mean, rtol=1e-5), name

@@ -56,8 +56,8 @@ def compute_distribution(
 
 def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safetensors", *, data=None,
               nsamples: int = 128, seed: int = 0, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
-              include_answers: bool = False, split_token_types: bool = False, rules=None,
-              trust_remote_code: bool = False, progress: bool = False):
+              include_answers: bool = False, split_token_types: bool = False, rules=None, vision_tower=None,
+              allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False):
     """Step 2: write the activation statistics of every prunable layer to `output`; returns (stats, metadata)."""
     from multiflow.calibration import CalibrationConfig
     from multiflow.calibration import calibrate as _calibrate
@@ -66,6 +66,7 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
         model=Path(model), output=Path(output), data=None if data is None else Path(data), nsamples=nsamples,
         seed=seed, batch_size=batch_size, dtype=dtype, device=device, include_answers=include_answers,
         split_token_types=split_token_types, rules=None if rules is None else Path(rules),
+        vision_tower=None if vision_tower is None else Path(vision_tower), allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code), progress)
 
 

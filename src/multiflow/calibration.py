@@ -20,6 +20,14 @@ from multiflow.stats_file import LayerStats, from_collector, save_stats
 log = logging.getLogger("multiflow")
 
 LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+# The same conversation as a chat template (processor-side), for checkpoints converted on the fly.
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,12 @@ def calibrate(config: CalibrationConfig, progress: bool = True) -> tuple[dict[st
     inventory = layers.from_checkpoint(config.model, config.rules, config.vision_tower, config.allow_pickle)
     samples, report = load_samples(config.data, config.nsamples, config.seed)
     loaded = load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code,
-                        config.allow_pickle)
-    aligned = inventory.family.aligned_layers if inventory.family else None
-    names = [layer.name for layer in inventory.layers]
+                        config.allow_pickle, config.vision_tower)
+    family = inventory.family
+    # hooks live on the loaded model's modules; the file uses the checkpoint's (Step 1) names
+    to_model = {v: k for k, v in loaded.to_inventory_name.items()}
+    names = [to_model[layer.name] for layer in inventory.layers]
+    aligned = _aligned_pattern(family, loaded)
     batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
     bar = tqdm(total=len(samples), unit="sample", desc="Step 2: calibration", disable=not progress)
     with bar, collect_statistics(loaded.model, names, aligned, config.split_token_types) as collector:
@@ -82,7 +93,7 @@ def calibrate(config: CalibrationConfig, progress: bool = True) -> tuple[dict[st
             with collector.batch(inputs["attention_mask"], image_positions), torch.inference_mode():
                 loaded.model(**inputs, use_cache=False)
             bar.update(len(batch))
-    stats = from_collector(collector)
+    stats = {loaded.to_inventory_name[name]: st for name, st in from_collector(collector).items()}
     silent = [n for n, st in stats.items() if not st.tokens]
     if silent:
         log.warning("%d layer(s) saw no calibration token: %s", len(silent), ", ".join(silent[:5]))
@@ -105,6 +116,15 @@ def calibrate(config: CalibrationConfig, progress: bool = True) -> tuple[dict[st
     }
     save_stats(config.output, stats, meta)
     return stats, meta
+
+
+def _aligned_pattern(family, loaded) -> str | None:
+    """Which loaded-model layers see prompt-aligned tokens (family data; converted models are transformers LLaVA)."""
+    from multiflow.modality_rules import family_by_name
+
+    if family is not None and family.naming == "llava-original":
+        return family_by_name("llava").aligned_layers
+    return family.aligned_layers if family else None
 
 
 def _encode(processor: Any, batch: list[Sample], include_answers: bool):

@@ -16,15 +16,6 @@ import torch
 
 DEMO_NAME = "random-tiny-llava-v2"
 IMAGE_SIZE, PATCH_SIZE = 32, 8
-# LLaVA-1.5's conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>"
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
-    "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-DEMO_LABEL = "bundled demo: tiny LLaVA with RANDOM seeded weights (untrained; for trying the tool only)"
 
 
 def build_demo_model(seed: int = 0):
@@ -54,6 +45,8 @@ def build_demo_processor():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
+    from multiflow.calibration import LLAVA_15_CHAT_TEMPLATE
+
     vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
     for ch in sorted(set(string.printable) - set("\x0b\x0c\r")):
         vocab.setdefault(ch, len(vocab))
@@ -65,7 +58,7 @@ def build_demo_processor():
                                         extra_special_tokens={"image_token": "<image>"})
     images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
+                          vision_feature_select_strategy="default", chat_template=LLAVA_15_CHAT_TEMPLATE,
                           num_additional_image_tokens=1)
 
 

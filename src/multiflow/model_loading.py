@@ -45,6 +45,7 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    vision_tower: str | Path | None = None,
 ) -> LoadedModel:
     """The checkpoint as an eval-mode transformers model on `device`, plus its processor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -52,12 +53,9 @@ def load_model(
     folder = Path(folder)
     if dtype not in DTYPES:
         raise MultiflowError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if inventory.naming == "llava-original":
-        raise MultiflowError(
-            f"{folder} is an original-layout LLaVA checkpoint; calibration runs the transformers model. "
-            "Convert it first (transformers' convert_llava_weights_to_hf.py) and point --model at the result"
-        )
     target = resolve_device(device)
+    if inventory.naming == "llava-original":
+        return _load_original(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle)
     try:
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -83,3 +81,103 @@ def load_model(
     if token_id is None:
         token_id = getattr(model.config, "image_token_index", None)
     return LoadedModel(model, processor, target, token_id, {l.name: l.name for l in inventory.layers})
+
+
+# Original LLaVA repository key -> transformers (5.x, in-memory) module path, first match wins.
+_ORIGINAL_TO_HF = (
+    (r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
+    (r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
+)
+_CLIP_TO_HF = ((r"^vision_model\.", "model.vision_tower."),)
+
+
+def _rename(key: str, rules) -> str | None:
+    import re
+
+    for pattern, replacement in rules:
+        renamed, n = re.subn(pattern, replacement, key, count=1)
+        if n:
+            return renamed
+    return None
+
+
+def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, device: torch.device,
+                   vision_tower: str | Path | None, allow_pickle: bool) -> LoadedModel:
+    """Convert an original-layout LLaVA checkpoint to the equivalent transformers LlavaForConditionalGeneration
+    in memory (as transformers' convert_llava_weights_to_hf.py does: `<image>` and `<pad>` tokens added,
+    new embedding rows set to the mean of the others)."""
+    from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+    from multiflow.calibration import LLAVA_15_CHAT_TEMPLATE
+    from multiflow.checkpoint import list_tensors, read_config, read_tensor
+
+    config = read_config(folder)
+    sources = [(e, _rename(e.key, _ORIGINAL_TO_HF) or e.key) for e in list_tensors(folder, allow_pickle)]
+    clip_folder = Path(vision_tower) if vision_tower else None
+    if not any(name.startswith("model.vision_tower.") for _, name in sources):
+        if clip_folder is None:
+            raise MultiflowError(
+                f"{folder} is an original-layout LLaVA checkpoint without its vision tower weights (config names "
+                f"{config.get('mm_vision_tower')}); pass --vision-tower PATH to a local copy of that CLIP folder"
+            )
+        sources += [(e, name) for e in list_tensors(clip_folder, allow_pickle)
+                    if (name := _rename(e.key, _CLIP_TO_HF)) is not None]
+    if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise MultiflowError(f"{folder}: mm_projector_type {config.get('mm_projector_type')!r} has no transformers "
+                             "equivalent (LLaVA-1.5 uses mlp2x_gelu)")
+    clip_config = read_config(clip_folder) if clip_folder else None
+    vision = CLIPVisionConfig(**(clip_config.get("vision_config", clip_config) if clip_config else {}))
+    text = LlamaConfig(**{k: v for k, v in config.items() if not k.startswith("mm_") and k not in
+                          ("architectures", "model_type", "auto_map")})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        images = CLIPImageProcessor.from_pretrained(clip_folder or folder)
+    except (OSError, ValueError) as exc:
+        raise MultiflowError(f"cannot load the tokenizer of {folder} or the image processor of "
+                             f"{clip_folder or folder}: {exc}") from exc
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    strategy = "full" if config.get("mm_vision_select_feature") == "cls_patch" else "default"
+    llava = LlavaConfig(vision_config=vision, text_config=text,
+                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+                        vision_feature_select_strategy=strategy,
+                        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+                        projector_hidden_act="gelu", multimodal_projector_bias=True)
+    state = {name: read_tensor(entry).to(dtype) for entry, name in sources}
+    model = LlavaForConditionalGeneration(llava).to(dtype)
+    embed = state["model.language_model.embed_tokens.weight"]
+    if len(tokenizer) > embed.shape[0]:  # new token rows: the mean of the existing rows
+        grow = len(tokenizer) - embed.shape[0]
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            state[key] = torch.cat([state[key], state[key].float().mean(0, keepdim=True).to(dtype).expand(grow, -1)])
+        model.resize_token_embeddings(len(tokenizer))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise MultiflowError(f"{folder}: converting to transformers LLaVA left {len(missing)} weights missing "
+                             f"({missing[:1]}) and {len(result.unexpected_keys)} unexpected "
+                             f"({result.unexpected_keys[:1]})")
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vision.patch_size,
+                               vision_feature_select_strategy=strategy,
+                               chat_template=getattr(tokenizer, "chat_template", None) or LLAVA_15_CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    to_original = {}
+    for entry, name in sources:
+        if entry.key.endswith(".weight"):
+            hf = name.removesuffix(".weight")
+            original = entry.key.removesuffix(".weight")
+            if entry.file.parent != folder:  # from the CLIP folder: named as inside the LLaVA checkpoint
+                original = (inventory.family.vision_tower_prefix or "") + original.removeprefix("vision_model.")
+            to_original[hf] = original
+    wanted = {layer.name for layer in inventory.layers}
+    mapping = {hf: orig for hf, orig in to_original.items() if orig in wanted}
+    if set(mapping.values()) != wanted:
+        raise MultiflowError(f"{folder}: converted model lacks layers {sorted(wanted - set(mapping.values()))[:3]}")
+    model.to(device).eval()
+    return LoadedModel(model, processor, device, llava.image_token_id, mapping)
