@@ -122,3 +122,28 @@ def test_scores_by_hand():
     expected = imp_out[:, None] * w.abs() * imp_in[None, :]
     assert torch.allclose(scores.multiflow_score(w, sq_mean), expected, rtol=0, atol=1e-7)
     assert scores.multiflow_score(w, sq_mean)[0, 1] == pytest.approx(5.5 / 3 * 2 * 2.5)
+
+
+def test_hooks_work_with_accelerate_offloading():
+    """accelerate's cpu_offload keeps weights off the module and wraps forward; the statistics must not change."""
+    from accelerate import cpu_offload
+
+    torch.manual_seed(2)
+    toy = Toy()
+    pixels, tokens = torch.randn(2, 5, 3), torch.randn(2, 4, 2)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    names = ["vision", "lm.q", "lm.k", "lm.o"]
+    results = []
+    for offload in (False, True):
+        model = Toy()
+        model.load_state_dict(toy.state_dict())
+        if offload:
+            cpu_offload(model, execution_device=torch.device("cpu"))
+            assert model.vision.weight.device.type == "meta"
+        with collect_statistics(model, names, r"^lm\.") as collector:
+            with collector.batch(mask):
+                model(pixels, tokens)
+        results.append(from_collector(collector))
+    for name in names:
+        assert results[0][name].tokens == results[1][name].tokens
+        assert torch.equal(results[0][name].sq_mean, results[1][name].sq_mean)

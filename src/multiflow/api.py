@@ -91,8 +91,12 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         include_answers: bool = False, split_token_types: bool = False, method: str = "multiflow",
         allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
         dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
-        progress: bool = False) -> dict:
-    """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`."""
+        vision_tower=None, progress: bool = False) -> dict:
+    """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
+
+    `vision_tower` (original-layout LLaVA) serves calibration only: the pruned copy holds the
+    checkpoint folder's own weights.
+    """
     import tempfile
 
     prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
@@ -103,6 +107,6 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         stats_path = Path(scratch) / "stats.safetensors"
         _, meta = calibrate(model, stats_path, data=data, nsamples=nsamples, seed=seed, batch_size=batch_size,
                             dtype=dtype, device=device, include_answers=include_answers,
-                            split_token_types=split_token_types, rules=rules,
+                            split_token_types=split_token_types, rules=rules, vision_tower=vision_tower,
                             trust_remote_code=trust_remote_code, progress=progress)
         return prune(model, output, target_sparsity, stats=stats_path, calibration=meta, **prune_args)

@@ -251,6 +251,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from multiflow.pruning import prune
     from multiflow.report import render_prune
 
+    if args.vision_tower:
+        raise MultiflowError("prune writes the weights of the --model folder; a separate --vision-tower folder is "
+                             "not part of it and is not pruned: drop --vision-tower")
+    if args.allow_pickle:
+        raise MultiflowError("prune writes safetensors copies of safetensors checkpoints; convert pickled weights "
+                             "to safetensors first")
+
     config = _prune_config(args, _resolve_model(args.model), Path(args.stats) if args.stats else None,
                            Path(args.distribution) if args.distribution else None)
     report = prune(config, progress=not args.quiet)
@@ -275,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, dtype=args.dtype, device=args.device, include_answers=args.include_answers,
         split_token_types=args.split_token_types, method=args.method, allocation=args.allocation, group=args.group,
         structure=args.structure, dead_layers=args.dead_layers, rules=args.rules, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code, vision_tower=args.vision_tower, progress=not args.quiet,
     )
     if not args.quiet:
         print(render_prune(report))
@@ -295,7 +302,8 @@ def cmd_modalities(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="multiflow: %(levelname)s: %(message)s")
+    level = "WARNING" if getattr(args, "quiet", False) and args.log_level == "INFO" else args.log_level
+    logging.basicConfig(level=level, format="multiflow: %(levelname)s: %(message)s")
     try:
         commands = {"distribute": cmd_distribute, "calibrate": cmd_calibrate, "prune": cmd_prune, "run": cmd_run,
                     "modalities": cmd_modalities}
