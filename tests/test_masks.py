@@ -334,3 +334,16 @@ def test_determinism():
     ties = tie_scores(8, 16, 0, 2, 0)
     assert torch.equal(n_m_mask(ties, 2, 4), n_m_mask(ties.clone(), 2, 4))
     assert torch.equal(layer_mask(ties, 40), layer_mask(ties.clone(), 40))
+
+
+def test_histogram_selection_equals_kthvalue_on_large_scores():
+    """Scores from 2^20 elements on are thresholded by bit-pattern selection: same value as kthvalue."""
+    from multiflow import masks as m
+
+    g = torch.Generator().manual_seed(11)
+    score = (torch.rand(1024, 1100, generator=g) * torch.logspace(-4, 0, 1100)).float()
+    score[::3, ::5] = score[0, 0]  # ties
+    assert score.numel() >= m._HISTOGRAM_AT
+    for k in (1, 7, score.numel() // 3, score.numel() // 2, score.numel() - 1, score.numel()):
+        assert m.kth_smallest(score, k).item() == torch.kthvalue(score.reshape(-1), k).values.item()
+    assert torch.equal(m.layer_mask(score, score.numel() // 2), score > torch.kthvalue(score.reshape(-1), score.numel() // 2).values)

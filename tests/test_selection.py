@@ -14,7 +14,9 @@ def kth_via_histograms(t: torch.Tensor, k: int, use_numba: bool = True) -> float
     coarse, rank = selection.locate(hist, k)
     if not space.two_level:
         return space.value(coarse)
-    fine, _ = selection.locate(selection.fine_histogram(t, space, coarse), rank)
+    fine_hist = selection.fine_histogram(t, space, coarse, use_numba=use_numba)
+    assert torch.equal(fine_hist, selection.fine_histogram(t, space, coarse, use_numba=not use_numba))
+    fine, _ = selection.locate(fine_hist, rank)
     return space.value((coarse << space.shift) | fine)
 
 

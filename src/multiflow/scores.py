@@ -22,7 +22,7 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
 
 def wanda_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
     """Wanda (Sun et al. 2023): |W_ij| * a_j."""
-    return weight.float().abs() * activation_norm(sq_mean)[None, :]
+    return weight.float().abs().mul_(activation_norm(sq_mean)[None, :])
 
 
 def multiflow_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,8 @@ def multiflow_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor
     imp_out[i] = mean_j |W_ij| a_j (how much signal output neuron i carries),
     imp_in[j]  = mean_i |W_ij| a_j (how much signal input neuron j sends).
     """
-    abs_w = weight.float().abs()
-    flow = abs_w * activation_norm(sq_mean)[None, :]
-    imp_out = flow.mean(dim=1)
-    imp_in = flow.mean(dim=0)
-    return imp_out[:, None] * abs_w * imp_in[None, :]
+    score = weight.float().abs()  # one full-size buffer, scaled in place (7B layers are 45M weights)
+    a = activation_norm(sq_mean)
+    imp_out = (score @ a) / score.shape[1]
+    imp_in = a * score.sum(dim=0) / score.shape[0]
+    return score.mul_(imp_out[:, None]).mul_(imp_in[None, :])

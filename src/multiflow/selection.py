@@ -30,8 +30,16 @@ try:  # numba makes the histogram ~3x faster than torch.bincount; optional.
         for i in range(bits.shape[0]):
             out[(bits[i] & mask) >> shift] += 1
 
+    @numba.njit(nogil=True, cache=True)
+    def _fine_kernel(bits, mask, shift, coarse_bin, out):  # pragma: no cover - compiled
+        low = (1 << shift) - 1
+        for i in range(bits.shape[0]):
+            key = bits[i] & mask
+            if (key >> shift) == coarse_bin:
+                out[key & low] += 1
+
 except ImportError:  # pragma: no cover - exercised only without numba
-    _histogram_kernel = None
+    _histogram_kernel = _fine_kernel = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,13 @@ def coarse_histogram(weight: torch.Tensor, space: KeySpace, use_numba: bool = Tr
     return hist + torch.bincount(coarse, minlength=space.coarse_bins)
 
 
-def fine_histogram(weight: torch.Tensor, space: KeySpace, coarse_bin: int) -> torch.Tensor:
+def fine_histogram(weight: torch.Tensor, space: KeySpace, coarse_bin: int, use_numba: bool = True) -> torch.Tensor:
     """int64 histogram of the low `shift` bits of the keys inside one coarse bin."""
+    if use_numba and _fine_kernel is not None and space.int_dtype == torch.int32:
+        hist = torch.zeros(space.fine_bins, dtype=torch.int64)
+        bits = weight.to(space.dtype).contiguous().reshape(-1).view(torch.int32).numpy().view(np.uint32)
+        _fine_kernel(bits, np.uint32(space.mask), np.uint32(space.shift), np.uint32(coarse_bin), hist.numpy())
+        return hist
     keys = space.keys(weight)
     inside = keys[(keys >> space.shift) == coarse_bin] & (space.fine_bins - 1)
     return torch.bincount(inside, minlength=space.fine_bins)
