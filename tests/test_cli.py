@@ -177,3 +177,15 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--model", "--target-sparsity", "--output", "--plot", "--all-layers", "--quiet", "--vision-tower",
                  "--rules", "--allow-pickle"):
         assert flag in out
+
+
+def test_every_command_runs_on_the_default_model(tmp_path, capsys, monkeypatch):
+    """No --model: the bundled demo model (what `make demo` runs)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["distribute", "--target-sparsity", "0.5", "--output", str(tmp_path / "d"), "--quiet"]) == 0
+    assert main(["modalities"]) == 0
+    assert main(["run", "--target-sparsity", "0.5", "--nsamples", "4", "--output", str(tmp_path / "r"), "--quiet"]) == 0
+    assert main(["eval", "--model", str(tmp_path / "r"), "--nsamples", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "d" / "sparsity_distribution_0.5.json").is_file() and (tmp_path / "r" / "model.safetensors").is_file()
+    assert 0.0 <= float(out.strip().splitlines()[-1]) <= 1.0

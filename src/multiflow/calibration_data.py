@@ -67,6 +67,7 @@ class Sample:
     question: str
     answer: str | None
     source: str
+    kind: str | None = None  # question kind, when the data names one (JSON "kind" / "question_type")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class _Candidate:
     question: str
     answer: str | None
     ref: Any  # what the data's fetch needs to find the image: a path, a row index...
+    kind: str | None = None
 
 
 @dataclass
@@ -176,7 +178,7 @@ def _take(opened: _Data, order: list[int], nsamples: int) -> tuple[list[Sample],
             except _Unusable as unusable:
                 skipped.append((candidate.source, str(unusable)))
                 continue
-            samples.append(Sample(image, candidate.question, candidate.answer, candidate.source))
+            samples.append(Sample(image, candidate.question, candidate.answer, candidate.source, candidate.kind))
     return samples, skipped
 
 
@@ -360,7 +362,9 @@ def _from_records(path: Path, base: Path, kind: str, records: Iterable[tuple[str
         if not question:
             skipped.append((source, "no question: empty question text"))
             continue
-        candidates.append(_Candidate(source, question, answer, base / image))
+        question_kind = record.get("kind", record.get("question_type"))
+        candidates.append(_Candidate(source, question, answer, base / image,
+                                     question_kind if isinstance(question_kind, str) else None))
     return _Data(str(path), "llava-json" if saw_llava else kind, candidates, _fetch_paths, without_image, skipped)
 
 

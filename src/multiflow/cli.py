@@ -160,6 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-sparsity", "--target_sparsity", dest="target", type=_target, metavar="S",
                    required=False, help="target sparsity in [0, 1) (required unless --structure N:M)")
 
+    e = sub.add_parser(
+        "eval",
+        help="what pruning cost: VQA exact match and ROUGE-L, and KL / top-1 agreement against the dense model",
+        description="Generate answers (greedy) for image-question pairs and score them against the reference "
+                    "answers: exact match after normalising case and punctuation (reported as 'accuracy') and "
+                    "ROUGE-L; per question kind when the data names kinds. With --reference (the dense model), "
+                    "also the mean token-level KL(dense || pruned) and top-1 agreement on the reference answers "
+                    "(teacher forcing). Same data formats as calibrate.",
+    )
+    e.add_argument("--model", "--model_path", dest="model", metavar="PATH",
+                   help="model folder to evaluate (default: the bundled demo model)")
+    e.add_argument("--reference", metavar="PATH", help="dense model folder to compare against (KL, top-1 agreement)")
+    e.add_argument("--data", metavar="PATH", help="evaluation data (JSON/JSONL, datasets folder, parquet); "
+                   "default: the demo model's evaluation split, or the bundled photographs")
+    e.add_argument("--nsamples", type=int, default=None, help="evaluate at most this many samples (default: all)")
+    e.add_argument("--seed", type=int, default=0, help="which samples, in which order, with --nsamples (default 0)")
+    e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
+                   help="samples per generation batch (default 8)")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="longest generated answer (default 16)")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype to run the models in (default float32)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    e.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
+    e.add_argument("--output", metavar="FILE", help="write the results (overall, per kind, per item) as JSON")
+    e.add_argument("--quiet", action="store_true", help="print only the accuracy (no table, no progress bar)")
+
     m = sub.add_parser(
         "modalities",
         help="print which layers belong to which modality, and what is skipped and why (reads headers only)",
@@ -173,11 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_model(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from multiflow.demo import DEMO_LABEL, ensure_demo_model
+    from multiflow.demo import demo_label, ensure_demo_model
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multiflow"
     folder = ensure_demo_model(cache)
-    log.warning("no --model given: using the %s, at %s", DEMO_LABEL, folder)
+    log.warning("no --model given: using the %s, at %s", demo_label(folder), folder)
     return folder
 
 
@@ -290,6 +316,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from multiflow.distribution import write_atomic
+    from multiflow.evaluation import EvalConfig, evaluate
+    from multiflow.report import render_eval
+
+    if args.nsamples is not None and args.nsamples < 1:
+        raise MultiflowError(f"--nsamples {args.nsamples}: give at least 1")
+    if args.batch_size < 1:
+        raise MultiflowError(f"--batch-size {args.batch_size}: give at least 1")
+    model = _resolve_model(args.model)
+    results = evaluate(EvalConfig(
+        model=model, data=Path(args.data) if args.data else _default_eval_data(args.model, model),
+        reference=Path(args.reference) if args.reference else None, nsamples=args.nsamples, seed=args.seed,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
+        trust_remote_code=args.trust_remote_code), progress=not args.quiet)
+    if args.output:
+        write_atomic(Path(args.output), json.dumps(results, indent=2) + "\n")
+    print(f"{results['accuracy']:.4f}" if args.quiet else render_eval(results))
+    return 0
+
+
+def _default_eval_data(given: str | None, model: Path) -> Path | None:
+    """The demo model's evaluation split for the demo model or a copy pruned from it; else the bundled photos."""
+    import json
+
+    from multiflow.demo import demo_split, is_demo
+
+    report = model / "multiflow_report.json"
+    source = json.loads(report.read_text()).get("model") if report.is_file() else None
+    if given is None or is_demo(model) or (source and is_demo(Path(source))):
+        return demo_split("evaluation")
+    return None
+
+
 def cmd_modalities(args: argparse.Namespace) -> int:
     from multiflow import layers
     from multiflow.report import render_inventory
@@ -306,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="multiflow: %(levelname)s: %(message)s")
     try:
         commands = {"distribute": cmd_distribute, "calibrate": cmd_calibrate, "prune": cmd_prune, "run": cmd_run,
-                    "modalities": cmd_modalities}
+                    "eval": cmd_eval, "modalities": cmd_modalities}
         return commands[args.command](args)
     except MultiflowError as exc:
         print(f"multiflow: error: {exc}", file=sys.stderr)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 DEMO_NAME = "random-tiny-llava-v2"
+DEMO_LABEL = "bundled demo: tiny LLaVA with RANDOM seeded weights (untrained; for trying the tool only)"
+TRAINED_LABEL = "bundled demo model: a small LLaVA trained on handwritten digits (see training/README.md)"
 IMAGE_SIZE, PATCH_SIZE = 32, 8
 
 
@@ -62,8 +64,26 @@ def build_demo_processor():
                           num_additional_image_tokens=1)
 
 
+TRAINED = Path(__file__).parent / "demo_model"
+
+
+def demo_label(folder: Path) -> str:
+    return TRAINED_LABEL if Path(folder) == TRAINED else DEMO_LABEL
+
+
+def is_demo(folder: Path) -> bool:
+    """Is this folder the bundled demo model (trained, or the random stand-in)?"""
+    try:
+        folder = Path(folder).resolve()
+    except OSError:
+        return False
+    return folder == TRAINED.resolve() or folder.name == DEMO_NAME
+
+
 def ensure_demo_model(cache_root: Path) -> Path:
-    """Build the demo checkpoint once under cache_root (atomically) and return its folder."""
+    """The bundled trained demo model; without it, a random stand-in built once under cache_root."""
+    if (TRAINED / "config.json").is_file() and (TRAINED / "model.safetensors").is_file():
+        return TRAINED
     folder = Path(cache_root) / DEMO_NAME
     if (folder / "config.json").is_file():
         return folder
@@ -80,3 +100,9 @@ def ensure_demo_model(cache_root: Path) -> Path:
         if not (folder / "config.json").is_file():  # not a lost race with another process
             raise
     return folder
+
+
+def demo_split(name: str) -> Path | None:
+    """The bundled demo model's data split (`calibration` or `evaluation`), if the package ships it."""
+    path = Path(__file__).parent / "demo_data" / f"{name}.jsonl"
+    return path if path.is_file() else None

@@ -152,7 +152,7 @@ def from_checkpoint(
         weighted.append((_module_name(entry.key.removesuffix(".weight"), renames), entry))
     notes = []
     if family is not None and family.vision_tower_prefix:
-        has_vision = any(ruleset.classify(name) and ruleset.classify(name).group == "vision"
+        has_vision = any((rule := ruleset.classify(name)) is not None and rule.group == "vision"
                          for name, e in weighted if e.key.endswith(".weight") and len(e.shape) == 2)
         if vision_tower is not None:
             if has_vision:

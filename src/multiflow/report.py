@@ -225,3 +225,22 @@ def render_prune(report: dict, edge: int = 5) -> str:
     for line in _table(rows, {1, 2, 3}):
         w(line)
     return out.getvalue()
+
+
+def render_eval(results: dict) -> str:
+    """`multiflow eval`: overall and per-kind metrics."""
+    out = io.StringIO()
+    w = lambda line="": print(line, file=out)  # noqa: E731
+    w(f"Model: {results['model']}   data: {results['data']}   samples: {results['nsamples']}")
+    if results.get("reference_model"):
+        w(f"Reference (dense): {results['reference_model']}")
+    has_kl = "kl" in results
+    rows = [["Kind", "Count", "Accuracy", "ROUGE-L"] + (["KL(dense||model)", "Top-1 agree"] if has_kl else [])]
+    for label, r in [("ALL", results), *results.get("per_kind", {}).items()]:
+        row = [label, str(r["count"]), _pct(r["accuracy"]), f"{r['rouge_l']:.4f}"]
+        if has_kl:
+            row += [f"{r['kl']:.4g}" if "kl" in r else "-", _pct(r["top1_agreement"]) if "kl" in r else "-"]
+        rows.append(row)
+    for line in _table(rows, set(range(1, len(rows[0])))):
+        w(line)
+    return out.getvalue()

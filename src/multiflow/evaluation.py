@@ -1,0 +1,160 @@
+"""What pruning cost: generation-based VQA metrics, and agreement with the dense model.
+
+- Exact match: the greedy answer equals a reference after normalising case,
+  punctuation and whitespace.
+- ROUGE-L: F-measure of the greedy answer against the reference (the seed's
+  OCR-VQA metric), with `rouge_score`, the maintained reference implementation.
+- Against a dense reference model, on the reference answers fed in
+  (teacher forcing): mean token-level KL(dense || pruned) and top-1 agreement.
+
+Per question kind when the data names kinds. Metric functions are pure; the
+model work is in `evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from multiflow.calibration import build_prompt
+from multiflow.calibration_data import Sample, load_samples
+from multiflow.errors import MultiflowError
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    return float(any(normalize(prediction) == normalize(r) for r in references))
+
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """Best ROUGE-L F-measure of the prediction against any reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return max(scorer.score(r, prediction)["rougeL"].fmeasure for r in references)
+
+
+def kl_and_agreement(dense_logits: torch.Tensor, pruned_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position KL(dense || pruned) and whether the top-1 tokens agree ([positions, vocab] each)."""
+    log_p = torch.log_softmax(dense_logits.double(), dim=-1)
+    log_q = torch.log_softmax(pruned_logits.double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl, dense_logits.argmax(-1) == pruned_logits.argmax(-1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: Path
+    data: Path | None = None
+    reference: Path | None = None
+    nsamples: int | None = None  # None: all
+    seed: int = 0
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Generate answers for every sample; score them; compare with the reference model if given."""
+    from multiflow import layers
+    from multiflow.model_loading import load_model
+
+    samples, report = load_samples(config.data, config.nsamples if config.nsamples else 10**9, config.seed)
+    samples = [s for s in samples if s.answer]
+    if not samples:
+        raise MultiflowError(f"no sample in {report.source} has a reference answer to evaluate against")
+    loaded = load_model(config.model, layers.from_checkpoint(config.model), config.dtype, config.device,
+                        config.trust_remote_code)
+    reference = None
+    if config.reference is not None:
+        reference = load_model(config.reference, layers.from_checkpoint(config.reference), config.dtype,
+                               config.device, config.trust_remote_code)
+    items = []
+    bar = tqdm(total=len(samples), unit="sample", desc="eval", disable=not progress)
+    with bar:
+        for i in range(0, len(samples), config.batch_size):
+            batch = samples[i : i + config.batch_size]
+            answers = _generate(loaded, batch, config.max_new_tokens)
+            drift = _teacher_forced(loaded, reference, batch) if reference else [None] * len(batch)
+            for sample, answer, d in zip(batch, answers, drift):
+                items.append({"source": sample.source, "kind": sample.kind, "question": sample.question,
+                              "reference": sample.answer, "prediction": answer,
+                              "exact_match": exact_match(answer, [sample.answer]),
+                              "rouge_l": rouge_l(answer, [sample.answer]), **(d or {})})
+            bar.update(len(batch))
+    return {
+        "model": str(config.model), "reference_model": None if reference is None else str(config.reference),
+        "data": report.source, "nsamples": len(items), "seed": config.seed,
+        **_summary(items), "per_kind": {k: _summary([x for x in items if x["kind"] == k])
+                                        for k in sorted({x["kind"] for x in items if x["kind"]})},
+        "items": items,
+    }
+
+
+def _summary(items: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {"count": len(items),
+                           "accuracy": sum(x["exact_match"] for x in items) / len(items),
+                           "rouge_l": sum(x["rouge_l"] for x in items) / len(items)}
+    tokens = sum(x.get("answer_tokens", 0) for x in items)
+    if tokens:
+        out["kl"] = sum(x["kl_sum"] for x in items) / tokens
+        out["top1_agreement"] = sum(x["agree_sum"] for x in items) / tokens
+    return out
+
+
+def _generate(loaded, batch: list[Sample], max_new_tokens: int) -> list[str]:
+    processor = loaded.processor
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+    try:
+        prompts = [build_prompt(processor, s.question, None) for s in batch]
+        inputs = processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    inputs = inputs.to(loaded.device)
+    with torch.inference_mode():
+        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
+    """KL and top-1 agreement on the reference answer tokens, one sample at a time (no padding to align)."""
+    out = []
+    for sample in batch:
+        processor = pruned.processor
+        prompt = build_prompt(processor, sample.question, None)
+        full = build_prompt(processor, sample.question, sample.answer)
+        enc_prompt = processor(images=[sample.image], text=[prompt], return_tensors="pt")
+        enc = processor(images=[sample.image], text=[full], return_tensors="pt")
+        start = enc_prompt["input_ids"].shape[1]
+        ids = enc["input_ids"][0]
+        if not torch.equal(ids[:start], enc_prompt["input_ids"][0]) or ids.shape[0] <= start:
+            out.append({"answer_tokens": 0, "kl_sum": 0.0, "agree_sum": 0})
+            continue
+        logits = []
+        for model in (dense, pruned):
+            with torch.inference_mode():
+                logits.append(model.model(**enc.to(model.device)).logits[0, start - 1 : -1].float().cpu())
+        kl, agree = kl_and_agreement(*logits)
+        if not math.isfinite(float(kl.sum())):
+            raise MultiflowError(f"KL is not finite on {sample.source}: the pruned model's logits overflowed")
+        out.append({"answer_tokens": int(kl.numel()), "kl_sum": float(kl.sum()), "agree_sum": int(agree.sum())})
+    return out
