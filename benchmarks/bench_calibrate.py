@@ -16,8 +16,8 @@ Calibration batches: `--nsamples` bundled photos with their questions
 (`load_samples(None, n, seed)`), prompts from `build_prompt(processor, q, None)`,
 in batches of `--batch-size`, encoded once up front (encoding is not timed).
 
-Time (one process, the same batches): after a warm-up pass of each variant, rounds
-of [plain, stats, split] passes over all batches:
+Time (one process, the same batches): after a warm-up of each variant (over the first
+--warmup-batches batches, default 2), rounds of [plain, stats, split] passes over all batches:
 
   plain  `model(**inputs, use_cache=False)` under `torch.inference_mode()`;
   stats  the same inside `collect_statistics(model, names, aligned)` and one
@@ -40,7 +40,11 @@ Memory, two ways:
    glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536, which also turns
    off its dynamic growth), so every buffer above 64 KiB is mmap'ed and unmapped when
    freed and RSS follows the live bytes instead of what the heap happens to keep;
-   `--malloc-default` runs them with glibc's defaults instead.
+   `--malloc-default` runs them with glibc's defaults instead. By default the children are
+   cold: the stats child's peak also holds what running the hooks' kernels for the first
+   time costs (library code pages and buffers; ~1 MiB, once per process). With
+   `--prewarm` every child (plain too) first runs one batch with split statistics, so
+   that this one-time memory is in everyone's baseline.
 2. peak live tensor bytes, in this process: one pass of each variant under
    `torch.profiler` with profile_memory=True; the peak is the largest "Total Allocated"
    of its [memory] events (bytes allocated through PyTorch's CPU allocator since the
@@ -271,6 +275,9 @@ def mib(n: float | None) -> str:
 
 def child_main(args) -> int:
     setup = Setup(args)
+    if args.prewarm:  # first-use costs (kernel code pages, library buffers) of every variant, before measuring
+        collector = setup.run_pass("split", setup.batches[:1])
+        del collector
     gc.collect()
     malloc_trim()
     before = proc_status_kb("VmRSS")
@@ -287,7 +294,7 @@ def child_main(args) -> int:
         "peak_above_before_kb": None if why or hwm is None or before is None else hwm - before,
         "stats_bytes": stats_bytes(collector) if collector is not None else 0, "seconds": seconds, "cpu": cpu,
         "other_cores": None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu) / seconds),
-        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "prewarm": args.prewarm,
     }))
     return 0
 
@@ -309,8 +316,8 @@ def run_child(args, mode: str, argv: list[str]) -> dict:
 # in-process: peak live tensor bytes, and the --profile diagnosis
 
 
-def tensor_peak(setup: Setup, variant: str) -> tuple[int, int]:
-    """(peak live tensor bytes above the start, bytes still live at the end) of one pass, from the profiler."""
+def tensor_peak(setup: Setup, variant: str) -> tuple[int, int, int]:
+    """(peak live tensor bytes above the start, bytes live at the end, size of the statistics) of one pass."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
@@ -322,8 +329,9 @@ def tensor_peak(setup: Setup, variant: str) -> tuple[int, int]:
         events = json.loads(path.read_text())["traceEvents"]
     totals = [e["args"]["Total Allocated"] for e in events
               if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    size = 0 if collector is None else stats_bytes(collector)
     del collector
-    return (max(totals) if totals else 0), (totals[-1] if totals else 0)
+    return (max(totals) if totals else 0), (totals[-1] if totals else 0), size
 
 
 def profile_main(setup: Setup, args) -> None:
@@ -414,9 +422,13 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--vision-layers", type=int, default=12)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--patch-size", type=int, default=16)
+    ap.add_argument("--warmup-batches", type=int, default=2, help="batches of each variant's warm-up pass (0: all)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--malloc-default", action="store_true", help="RSS children with glibc's default malloc settings")
+    ap.add_argument("--prewarm", action="store_true",
+                    help="RSS children first run one batch with split statistics (every child, plain too), so that "
+                         "one-time first-use memory is in the baseline")
     ap.add_argument("--profile", action="store_true", help="also diagnose where the hook time goes")
     ap.add_argument("--profile-batches", type=int, default=2, help="batches for --profile (0: all)")
     ap.add_argument("--json", type=Path, help="write every number here")
@@ -454,14 +466,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- time ------------------------------------------------------------------------------------------------
     if not args.no_timing:
-        print("## time: passes over all batches, one process (warm-up first, then rounds of plain, stats, split)\n",
-              flush=True)
+        print("## time: passes over all batches, one process (a warm-up of each variant, then rounds of plain, stats, "
+              "split)\n", flush=True)
+        warm = setup.batches[: args.warmup_batches] if args.warmup_batches else setup.batches
         for variant in VARIANTS:
             t0 = time.perf_counter()
-            collector = setup.run_pass(variant)
+            collector = setup.run_pass(variant, warm)
             if collector is not None:
                 check_collector(collector, variant, setup.names)
-            print(f"  warm-up {variant}: {time.perf_counter() - t0:.2f} s", flush=True)
+            print(f"  warm-up {variant} ({len(warm)} batches): {time.perf_counter() - t0:.2f} s", flush=True)
         rounds: list[dict] = []
         while len(rounds) < args.max_rounds:
             rnd: dict = {}
@@ -519,11 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             tensor[variant] = tensor_peak(setup, variant)
             print(f"  live tensor bytes, {variant}: peak {mib(tensor[variant][0])} MiB above the start, "
                   f"{mib(tensor[variant][1])} MiB at the end", flush=True)
-        size = {}
-        for variant in ("stats", "split"):
-            collector = setup.run_pass(variant, setup.batches[:1])
-            size[variant] = stats_bytes(collector)
-            del collector
+        size = {v: tensor[v][2] for v in ("stats", "split")}
         del setup  # free this process's model before the children build theirs
         gc.collect()
         child_argv = [a for a in raw if a not in ("--profile",)]
@@ -541,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| variant | size of statistics MiB | peak RSS above before MiB | extra vs plain MiB | "
               "extra / size | peak tensor bytes MiB | extra vs plain MiB | extra / size |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        mem_result = {"tensor_peak": tensor, "stats_bytes": size, "rss_children": rss,
+        mem_result = {"tensor_peak": tensor, "stats_bytes": size, "rss_children": rss, "prewarm": args.prewarm,
                       "malloc": "default" if args.malloc_default else "MALLOC_MMAP_THRESHOLD_=65536"}
         plain_rss = rss["plain"]["peak_above_before_kb"]
         for variant in VARIANTS:
