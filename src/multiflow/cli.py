@@ -207,6 +207,15 @@ def _resolve_model(arg: str | None) -> Path:
     return folder
 
 
+def _calibration_data(given: str | None, model: Path) -> Path | None:
+    """--data, else the demo model's calibration split for the demo model, else None (the bundled photos)."""
+    from multiflow.demo import demo_split, is_demo
+
+    if given:
+        return Path(given)
+    return demo_split("calibration") if is_demo(model) else None
+
+
 def _output_paths(output: str, targets: list[float]) -> list[tuple[Path, Path]]:
     out = Path(output)
     if out.suffix.lower() == ".json":
@@ -247,8 +256,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise MultiflowError(f"--output {output} is a folder; give a file name such as {output / 'stats.safetensors'}")
+    model = _resolve_model(args.model)
     config = CalibrationConfig(
-        model=_resolve_model(args.model), output=output, data=Path(args.data) if args.data else None,
+        model=model, output=output, data=_calibration_data(args.data, model),
         nsamples=args.nsamples, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
         include_answers=args.include_answers, split_token_types=args.split_token_types,
         rules=Path(args.rules) if args.rules else None,
@@ -303,8 +313,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MultiflowError("give --target-sparsity (or --structure N:M)")
     if Path(args.output).exists() and any(Path(args.output).iterdir()) and not args.overwrite:
         raise MultiflowError(f"--output {args.output} exists and is not empty; pass --overwrite or choose another folder")
+    model = _resolve_model(args.model)
     report = api.run(
-        _resolve_model(args.model), args.output, args.target, data=args.data, nsamples=args.nsamples, seed=args.seed,
+        model, args.output, args.target, data=_calibration_data(args.data, model), nsamples=args.nsamples, seed=args.seed,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device, include_answers=args.include_answers,
         split_token_types=args.split_token_types, method=args.method, allocation=args.allocation, group=args.group,
         structure=args.structure, dead_layers=args.dead_layers, rules=args.rules, overwrite=args.overwrite,

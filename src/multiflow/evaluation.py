@@ -13,6 +13,7 @@ model work is in `evaluate`.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -39,12 +40,16 @@ def exact_match(prediction: str, references: list[str]) -> float:
     return float(any(normalize(prediction) == normalize(r) for r in references))
 
 
-def rouge_l(prediction: str, references: list[str]) -> float:
-    """Best ROUGE-L F-measure of the prediction against any reference."""
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return max(scorer.score(r, prediction)["rougeL"].fmeasure for r in references)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """Best ROUGE-L F-measure of the prediction against any reference."""
+    return max(_rouge_scorer().score(r, prediction)["rougeL"].fmeasure for r in references)
 
 
 def kl_and_agreement(dense_logits: torch.Tensor, pruned_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,24 +141,31 @@ def _generate(loaded, batch: list[Sample], max_new_tokens: int) -> list[str]:
 
 
 def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
-    """KL and top-1 agreement on the reference answer tokens, one sample at a time (no padding to align)."""
+    """KL and top-1 agreement on the reference answer tokens (right-padded batch, one forward per model)."""
+    processor = pruned.processor
+    images = [s.image for s in batch]
+    side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "right"
+    try:
+        prompts = processor(images=images, text=[build_prompt(processor, s.question, None) for s in batch],
+                            return_tensors="pt", padding=True)
+        full = processor(images=images, text=[build_prompt(processor, s.question, s.answer) for s in batch],
+                         return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = side
+    logits = []
+    for model in (dense, pruned):
+        with torch.inference_mode():
+            logits.append(model.model(**full.to(model.device)).logits.float().cpu())
     out = []
-    for sample in batch:
-        processor = pruned.processor
-        prompt = build_prompt(processor, sample.question, None)
-        full = build_prompt(processor, sample.question, sample.answer)
-        enc_prompt = processor(images=[sample.image], text=[prompt], return_tensors="pt")
-        enc = processor(images=[sample.image], text=[full], return_tensors="pt")
-        start = enc_prompt["input_ids"].shape[1]
-        ids = enc["input_ids"][0]
-        if not torch.equal(ids[:start], enc_prompt["input_ids"][0]) or ids.shape[0] <= start:
-            out.append({"answer_tokens": 0, "kl_sum": 0.0, "agree_sum": 0})
+    for i, sample in enumerate(batch):
+        start = int(prompts["attention_mask"][i].sum())
+        end = int(full["attention_mask"][i].sum())
+        ids = full["input_ids"][i]
+        if end <= start or not torch.equal(ids[:start], prompts["input_ids"][i][:start]):
+            out.append({"answer_tokens": 0, "kl_sum": 0.0, "agree_sum": 0})  # prompt is not a prefix: skip
             continue
-        logits = []
-        for model in (dense, pruned):
-            with torch.inference_mode():
-                logits.append(model.model(**enc.to(model.device)).logits[0, start - 1 : -1].float().cpu())
-        kl, agree = kl_and_agreement(*logits)
+        kl, agree = kl_and_agreement(logits[0][i, start - 1 : end - 1], logits[1][i, start - 1 : end - 1])
         if not math.isfinite(float(kl.sum())):
             raise MultiflowError(f"KL is not finite on {sample.source}: the pruned model's logits overflowed")
         out.append({"answer_tokens": int(kl.numel()), "kl_sum": float(kl.sum()), "agree_sum": int(agree.sum())})
