@@ -12,9 +12,10 @@ $(BIN)/multiflow: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
-## demo: Steps 1-3 on the bundled demo model (tiny LLaVA, random seeded weights); the pruned model in out/
+## demo: Steps 1-3 on the bundled (trained) demo model, the pruned model in out/, then what it cost
 demo: $(BIN)/multiflow
 	HF_HUB_OFFLINE=1 $(BIN)/multiflow run --target-sparsity 0.5 --output out/ --overwrite
+	HF_HUB_OFFLINE=1 $(BIN)/multiflow eval --model out/ --reference src/multiflow/demo_model --nsamples 500
 
 ## test: the whole test suite, offline, on CPU
 test: $(BIN)/multiflow
