@@ -27,9 +27,12 @@ Time (one process, the same batches): after a warm-up of each variant (over the 
 
 The ratio of a round is (stats seconds) / (plain seconds of the same round). Each pass
 also records this process's CPU seconds and how many cores other processes kept busy
-meanwhile (from /proc/stat); a round where that exceeds 0.25 cores is "disturbed" and
-another round is added (up to --max-rounds), and the medians use the undisturbed rounds
-when there are --repeats of them. Target: median ratio <= 1.15.
+meanwhile (from /proc/stat); a round where that exceeds --disturbed-cores (0.1) in any
+pass is "disturbed" and another round is added (up to --max-rounds), and the medians use
+the undisturbed rounds when there are --repeats of them. Before each round the script
+waits (up to --wait-quiet seconds, 300) until the others used < 0.1 cores over 3 s: with
+torch's 2 threads on 2 cores, a tenth of a core taken by someone else already slows a
+pass by several percent. Target: median ratio <= 1.15.
 
 Memory, two ways:
 
@@ -77,7 +80,6 @@ from pathlib import Path
 
 TARGETS = {"time_ratio": 1.15, "memory_ratio": 2.0}
 VARIANTS = ("plain", "stats", "split")
-DISTURBED_CORES = 0.25
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,6 +210,25 @@ def busy_cpu_seconds() -> float | None:
 def self_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def wait_quiet(max_wait: float, threshold: float, window: float = 3.0) -> tuple[float, float | None]:
+    """Wait until other processes keep < threshold cores busy over `window` seconds, or max_wait passed.
+
+    Returns (seconds waited, the last measured load of the others).
+    """
+    t0 = time.perf_counter()
+    others = None
+    while True:
+        b0, s0 = busy_cpu_seconds(), self_cpu_seconds()
+        time.sleep(window)
+        b1, s1 = busy_cpu_seconds(), self_cpu_seconds()
+        if b0 is None or b1 is None:
+            return time.perf_counter() - t0, None
+        others = max(0.0, (b1 - b0 - (s1 - s0)) / window)
+        waited = time.perf_counter() - t0
+        if others < threshold or waited >= max_wait:
+            return waited, others
 
 
 def proc_status_kb(key: str) -> int | None:
@@ -423,6 +444,10 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--warmup-batches", type=int, default=2, help="batches of each variant's warm-up pass (0: all)")
+    ap.add_argument("--disturbed-cores", type=float, default=0.1,
+                    help="a timed pass is disturbed when other processes kept more cores than this busy meanwhile")
+    ap.add_argument("--wait-quiet", type=float, default=300,
+                    help="before each round wait up to this many seconds for the others to go quiet (0: never)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--malloc-default", action="store_true", help="RSS children with glibc's default malloc settings")
@@ -477,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  warm-up {variant} ({len(warm)} batches): {time.perf_counter() - t0:.2f} s", flush=True)
         rounds: list[dict] = []
         while len(rounds) < args.max_rounds:
+            if args.wait_quiet:
+                waited, others = wait_quiet(args.wait_quiet, args.disturbed_cores)
+                if waited > 2 * 3.0 + 1:
+                    print(f"  (waited {waited:.0f} s for the other processes to go quiet; now {fmt(others)} cores)",
+                          flush=True)
             rnd: dict = {}
             for variant in VARIANTS:
                 gc.collect()
@@ -486,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 busy1 = busy_cpu_seconds()
                 others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu) / seconds)
                 rnd[variant] = {"seconds": seconds, "cpu": cpu, "other_cores": others}
-            rnd["disturbed"] = any((rnd[v]["other_cores"] or 0) > DISTURBED_CORES for v in VARIANTS)
+            rnd["disturbed"] = any((rnd[v]["other_cores"] or 0) > args.disturbed_cores for v in VARIANTS)
             rounds.append(rnd)
             print(f"  round {len(rounds)}: " + ", ".join(
                 f"{v} {rnd[v]['seconds']:.2f} s (CPU {rnd[v]['cpu']:.1f} s, others {fmt(rnd[v]['other_cores'])} "

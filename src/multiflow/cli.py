@@ -50,7 +50,8 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--data", metavar="PATH",
                    help="calibration data: a JSON/JSONL file ({image, question, answer} records or LLaVA "
                         "'conversations'), a datasets save_to_disk folder, or parquet files with an image column "
-                        "and question/answer (or questions/answers) columns. Default: the bundled photographs")
+                        "and question/answer (or questions/answers) columns. Default: the demo model's calibration split "
+                        "for the demo model, else the bundled photographs")
     c.add_argument("--nsamples", type=int, default=128, help="number of image-question samples (default 128)")
     c.add_argument("--seed", type=int, default=0, help="which samples, in which order (default 0)")
     c.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
