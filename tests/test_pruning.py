@@ -201,6 +201,10 @@ def test_bad_inputs_fail_before_writing(ckpt, tmp_path):
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     with pytest.raises(MultiflowError, match="N:M"):
         Structure.parse("4:4")
+    with pytest.raises(MultiflowError, match="input model folder"):
+        prune(PruneConfig(model=folders["hub4"], output=folders["hub4"], target_sparsity=S, method="magnitude",
+                          overwrite=True), progress=False)
+    assert (folders["hub4"] / "model.safetensors").is_file()
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(MultiflowError, match="--overwrite"):

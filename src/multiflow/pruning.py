@@ -197,6 +197,8 @@ def layer_mask(weight: torch.Tensor, plan_: LayerPlan, config: PruneConfig, sq_m
 def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step 3: write the pruned checkpoint folder; return the report (also saved as multiflow_report.json)."""
     output = Path(config.output)
+    if output.resolve() == Path(config.model).resolve():
+        raise MultiflowError(f"--output {output} is the input model folder; write the pruned copy elsewhere")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not config.overwrite:
         raise MultiflowError(f"--output {output} exists and is not empty; pass --overwrite or choose another folder")
     inventory = layers_mod.from_checkpoint(config.model, config.rules)
