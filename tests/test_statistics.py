@@ -147,3 +147,17 @@ def test_hooks_work_with_accelerate_offloading():
     for name in names:
         assert results[0][name].tokens == results[1][name].tokens
         assert torch.equal(results[0][name].sq_mean, results[1][name].sq_mean)
+
+
+def test_shared_input_is_summed_once(monkeypatch):
+    """q and k read the same tensor: one square_sums call for both (the cache hits)."""
+    import multiflow.statistics as st
+
+    calls = []
+    real = st.square_sums
+    monkeypatch.setattr(st, "square_sums", lambda x, keep: calls.append(1) or real(x, keep))
+    toy = Toy()
+    with collect_statistics(toy, ["lm.q", "lm.k", "lm.o"], r"^lm\.") as collector:
+        with collector.batch(torch.ones(1, 4, dtype=torch.long)):
+            toy(torch.randn(1, 2, 3), torch.randn(1, 4, 2))
+    assert len(calls) == 2  # shared input of q/k once, o's input once

@@ -92,7 +92,8 @@ class Collector:
             self._last = None
 
     def _sums(self, x: torch.Tensor, aligned: bool) -> dict[str, tuple[torch.Tensor, int]]:
-        # q/k/v (and gate/up) read the same input tensor: compute its sums once.
+        # q/k/v (and gate/up) read the same input tensor object: compute its sums once (keyed on that
+        # object itself; a detached copy would be a new object every call and never hit).
         if self._last is not None and self._last[0]() is x and self._last[1] == aligned:
             return self._last[2]
         if aligned:
@@ -122,7 +123,7 @@ class Collector:
             if not isinstance(x, torch.Tensor) or x.shape[-1] != stats.in_features:
                 raise MultiflowError(f"layer {name}: expected an input with {stats.in_features} features")
             with torch.no_grad():
-                for kind, (sq_sum, tokens) in self._sums(x.detach(), aligned).items():
+                for kind, (sq_sum, tokens) in self._sums(x, aligned).items():
                     target = stats.all if kind == "all" else stats.by_type.setdefault(kind, RunningMean())
                     target.add(sq_sum, tokens)
 
