@@ -78,6 +78,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import busy_cpu_seconds, fmt, git_rev, self_cpu_seconds  # noqa: E402
+
 TARGETS = {"time_ratio": 1.15, "memory_ratio": 2.0}
 VARIANTS = ("plain", "stats", "split")
 
@@ -197,21 +200,6 @@ def check_collector(collector, variant: str, names: list[str]) -> None:
 # process and machine measurements
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (from /proc/stat), to spot concurrent load."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def wait_quiet(max_wait: float, threshold: float, window: float = 3.0) -> tuple[float, float | None]:
     """Wait until other processes keep < threshold cores busy over `window` seconds, or max_wait passed.
 
@@ -269,21 +257,6 @@ def mem_total() -> int | None:
     except OSError:
         pass
     return None
-
-
-def git_rev(repo: Path) -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
 
 
 def mib(n: float | None) -> str:

@@ -48,6 +48,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import busy_cpu_seconds, fmt, git_rev, self_cpu_seconds  # noqa: E402
+
 CHUNK = 16 * 1024 * 1024
 TARGETS = {"cold_ratio": 1.3, "warm_ratio": 6.0, "peak_rss_mb": 1024.0}
 
@@ -193,25 +196,10 @@ def run_child(argv: list[str], log: Path, timer: str | None) -> tuple[float, flo
     return wall, rss_kb / 1024, proc.returncode, cpu
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot (from /proc/stat), to spot concurrent load."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
 def resource_self_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def self_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def mem_info() -> dict[str, int]:
@@ -223,21 +211,6 @@ def mem_info() -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-def git_rev(repo: Path) -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:
