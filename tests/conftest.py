@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 
@@ -108,3 +109,30 @@ def llava(request, tmp_path_factory):
     model = tiny_llava(dtype=request.param)
     root = tmp_path_factory.mktemp(f"llava-{str(request.param)[6:]}")
     return model, layouts(model, root)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A random demo-shaped LLaVA saved with its processor: (folder, model, processor)."""
+    from multiflow.demo import build_demo_model
+
+    model, processor = build_demo_model(seed=1)
+    folder = tmp_path_factory.mktemp("demo") / "llava"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="session")
+def jsonl(tmp_path_factory):
+    """Five noise images of different sizes with questions and answers, as JSONL."""
+    root = tmp_path_factory.mktemp("data")
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i, (w, h) in enumerate([(40, 30), (32, 32), (50, 20), (24, 48), (33, 33)]):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "question": "What is shown" + "?" * (i + 1),
+                                 "answer": "noise " * (i + 1)}))
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "data.jsonl"

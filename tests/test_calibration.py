@@ -4,37 +4,11 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from multiflow.calibration import CalibrationConfig, build_prompt, calibrate
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
 from multiflow.stats_file import load_stats
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from multiflow.demo import build_demo_model
-
-    model, processor = build_demo_model(seed=1)
-    folder = tmp_path_factory.mktemp("demo") / "llava"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder, model, processor
-
-
-@pytest.fixture(scope="module")
-def jsonl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i, (w, h) in enumerate([(40, 30), (32, 32), (50, 20), (24, 48), (33, 33)]):
-        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(root / f"img{i}.png")
-        lines.append(json.dumps({"image": f"img{i}.png", "question": "What is shown" + "?" * (i + 1),
-                                 "answer": "noise " * (i + 1)}))
-    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "data.jsonl"
 
 
 def reference_stats(model, processor, samples, include_answers):

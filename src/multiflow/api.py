@@ -57,8 +57,12 @@ def compute_distribution(
 def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safetensors", *, data=None,
               nsamples: int = 128, seed: int = 0, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
               include_answers: bool = False, split_token_types: bool = False, rules=None, vision_tower=None,
-              allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = False):
-    """Step 2: write the activation statistics of every prunable layer to `output`; returns (stats, metadata)."""
+              allow_pickle: bool = False, trust_remote_code: bool = False, whole_model: bool = False,
+              samples_per_pass: int = 64, device_map: str | None = None, progress: bool = False, masker=None):
+    """Step 2: write the activation statistics of every prunable layer to `output`; returns (stats, metadata).
+
+    Block by block unless `whole_model`: one block's weights in memory at a time.
+    """
     from multiflow.calibration import CalibrationConfig
     from multiflow.calibration import calibrate as _calibrate
 
@@ -67,7 +71,20 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
         seed=seed, batch_size=batch_size, dtype=dtype, device=device, include_answers=include_answers,
         split_token_types=split_token_types, rules=None if rules is None else Path(rules),
         vision_tower=None if vision_tower is None else Path(vision_tower), allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code), progress)
+        trust_remote_code=trust_remote_code, whole_model=whole_model, samples_per_pass=samples_per_pass,
+        device_map=device_map), progress, masker)
+
+
+def _prune_config(model, output, target_sparsity, distribution=None, stats=None, method: str = "multiflow",
+                  allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
+                  dead_layers: str = "keep", rules=None, overwrite: bool = False):
+    from multiflow.pruning import PruneConfig, Structure
+
+    as_path = lambda p: None if p is None else Path(p)  # noqa: E731
+    return PruneConfig(
+        model=Path(model), output=Path(output), target_sparsity=target_sparsity,
+        distribution=as_path(distribution), stats=as_path(stats), method=method, allocation=allocation, group=group,
+        structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite)
 
 
 def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *,
@@ -75,15 +92,10 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: 
           group: str = "layer", structure: str = "unstructured", dead_layers: str = "keep", rules=None,
           overwrite: bool = False, progress: bool = False, calibration: dict | None = None) -> dict:
     """Step 3: write the pruned checkpoint folder `output`; returns the report (multiflow_report.json)."""
-    from multiflow.pruning import PruneConfig, Structure
     from multiflow.pruning import prune as _prune
 
-    as_path = lambda p: None if p is None else Path(p)  # noqa: E731
-    return _prune(PruneConfig(
-        model=Path(model), output=Path(output), target_sparsity=target_sparsity,
-        distribution=as_path(distribution), stats=as_path(stats), method=method, allocation=allocation, group=group,
-        structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite),
-        progress, calibration)
+    return _prune(_prune_config(model, output, target_sparsity, distribution, stats, method, allocation, group,
+                                structure, dead_layers, rules, overwrite), progress, calibration)
 
 
 def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *, data=None,
@@ -91,22 +103,55 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         include_answers: bool = False, split_token_types: bool = False, method: str = "multiflow",
         allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
         dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
-        vision_tower=None, progress: bool = False) -> dict:
+        vision_tower=None, whole_model: bool = False, samples_per_pass: int = 64, device_map: str | None = None,
+        sequential: bool = False, progress: bool = False) -> dict:
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
 
-    `vision_tower` (original-layout LLaVA) serves calibration only: the pruned copy holds the
-    checkpoint folder's own weights.
+    `sequential`: each block is calibrated on the outputs of the already-pruned blocks before it
+    (Step 1 runs first to fix every layer's count). `vision_tower` (original-layout LLaVA) serves
+    calibration only: the pruned copy holds the checkpoint folder's own weights. The report's
+    "timings" gives each stage's seconds.
     """
     import tempfile
+    import time
+
+    from multiflow.errors import MultiflowError
+    from multiflow.pruning import masker_for
+    from multiflow.pruning import prune as _prune
 
     prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
-                      dead_layers=dead_layers, rules=rules, overwrite=overwrite, progress=progress)
+                      dead_layers=dead_layers, rules=rules, overwrite=overwrite)
     if method == "magnitude":
-        return prune(model, output, target_sparsity, **prune_args)
+        if sequential:
+            raise MultiflowError("--sequential changes the statistics the scores use; --method magnitude uses none")
+        started = time.perf_counter()
+        report = prune(model, output, target_sparsity, progress=progress, **prune_args)
+        report["timings"] = {"prune_seconds": round(time.perf_counter() - started, 3)}
+        return _save_report(output, report)
     with tempfile.TemporaryDirectory(prefix="multiflow-run-") as scratch:
         stats_path = Path(scratch) / "stats.safetensors"
+        config = _prune_config(model, output, target_sparsity, stats=stats_path, **prune_args)
+        started = time.perf_counter()
+        masker = masker_for(config, inventory(model, rules), progress) if sequential else None  # prune's plan
+        planned = time.perf_counter()
         _, meta = calibrate(model, stats_path, data=data, nsamples=nsamples, seed=seed, batch_size=batch_size,
                             dtype=dtype, device=device, include_answers=include_answers,
                             split_token_types=split_token_types, rules=rules, vision_tower=vision_tower,
-                            trust_remote_code=trust_remote_code, progress=progress)
-        return prune(model, output, target_sparsity, stats=stats_path, calibration=meta, **prune_args)
+                            trust_remote_code=trust_remote_code, whole_model=whole_model,
+                            samples_per_pass=samples_per_pass, device_map=device_map, progress=progress,
+                            masker=masker)
+        calibrated = time.perf_counter()
+        report = _prune(config, progress, meta)
+        report["timings"] = {"plan_seconds": round(planned - started, 3) if sequential else None,
+                             "calibrate_seconds": round(calibrated - planned, 3),
+                             "prune_seconds": round(time.perf_counter() - calibrated, 3)}
+        return _save_report(output, report)
+
+
+def _save_report(output, report: dict) -> dict:
+    import json
+
+    from multiflow.distribution import write_atomic
+
+    write_atomic(Path(output) / "multiflow_report.json", json.dumps(report, indent=2) + "\n")
+    return report

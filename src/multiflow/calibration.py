@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from multiflow import layers
+from multiflow.block_runner import image_positions, run_blocks
 from multiflow.calibration_data import Sample, load_samples
 from multiflow.errors import MultiflowError
 from multiflow.model_loading import load_model
@@ -48,12 +50,20 @@ class CalibrationConfig:
     vision_tower: Path | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    whole_model: bool = False  # load every weight at once instead of one block at a time
+    samples_per_pass: int = 64  # block by block: samples in flight (their activations in memory) per pass
+    device_map: str | None = None  # whole model spread over devices by accelerate ("auto")
 
     def __post_init__(self) -> None:
         if self.nsamples < 1:
             raise MultiflowError(f"--nsamples {self.nsamples}: give at least 1")
         if self.batch_size < 1:
             raise MultiflowError(f"--batch-size {self.batch_size}: give at least 1")
+        if self.samples_per_pass < 1:
+            raise MultiflowError(f"--samples-per-pass {self.samples_per_pass}: give at least 1")
+        if self.device_map is not None and not self.whole_model:
+            raise MultiflowError("--device-map spreads the whole model over devices: add --whole-model (block by "
+                                 "block, --device alone holds one block at a time)")
 
 
 def build_prompt(processor: Any, question: str, answer: str | None) -> str:
@@ -69,30 +79,44 @@ def build_prompt(processor: Any, question: str, answer: str | None) -> str:
     return prompt if answer is None else f"{prompt} {answer}"
 
 
-def calibrate(config: CalibrationConfig, progress: bool = True) -> tuple[dict[str, LayerStats], dict[str, Any]]:
-    """Run the calibration pass; write config.output atomically; return (stats, metadata)."""
+# (layer, weight, sq_mean) -> keep mask, or None to leave the layer dense
+Masker = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
+def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker | None = None,
+              ) -> tuple[dict[str, LayerStats], dict[str, Any]]:
+    """Run the calibration pass; write config.output atomically; return (stats, metadata).
+
+    `masker` makes the pass sequential (block by block only): each block is pruned in memory
+    with it as soon as every batch has run the block, and later blocks see the pruned outputs.
+    """
     from multiflow import __version__
 
+    if masker is not None and config.whole_model:
+        raise MultiflowError("--sequential runs block by block: drop --whole-model")
+    started = time.perf_counter()
     inventory = layers.from_checkpoint(config.model, config.rules, config.vision_tower, config.allow_pickle)
     samples, report = load_samples(config.data, config.nsamples, config.seed)
     loaded = load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code,
-                        config.allow_pickle, config.vision_tower)
+                        config.allow_pickle, config.vision_tower, lazy=not config.whole_model,
+                        device_map=config.device_map)
     family = inventory.family
     # hooks live on the loaded model's modules; the file uses the checkpoint's (Step 1) names
     to_model = {v: k for k, v in loaded.to_inventory_name.items()}
     names = [to_model[layer.name] for layer in inventory.layers]
     aligned = _aligned_pattern(family, loaded)
     batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
-    bar = tqdm(total=len(samples), unit="sample", desc="Step 2: calibration", disable=not progress)
-    with bar, collect_statistics(loaded.model, names, aligned, config.split_token_types) as collector:
-        for batch in batches:
-            inputs = _encode(loaded.processor, batch, config.include_answers).to(loaded.device)
-            image_positions = None
-            if loaded.image_token_id is not None:
-                image_positions = inputs["input_ids"] == loaded.image_token_id
-            with collector.batch(inputs["attention_mask"], image_positions), torch.inference_mode():
-                loaded.model(**inputs, use_cache=False)
-            bar.update(len(batch))
+    with collect_statistics(loaded.model, names, aligned, config.split_token_types) as collector:
+        if config.whole_model:
+            _whole_model(loaded, batches, collector, config, progress)
+            execution = "whole model"
+        else:
+            encoded = [_encode(loaded.processor, b, config.include_answers).to(loaded.device) for b in batches]
+            on_block = None if masker is None else _pruning_step(loaded, collector, set(names), masker)
+            run = run_blocks(loaded, [dict(e) for e in encoded], collector, names, on_block,
+                             max(1, config.samples_per_pass // config.batch_size), progress)
+            execution = (f"block by block ({run['blocks']} blocks, {run['passes']} pass"
+                         f"{'es' if run['passes'] > 1 else ''}{', sequential' if masker else ''})")
     stats = {loaded.to_inventory_name[name]: st for name, st in from_collector(collector).items()}
     silent = [n for n, st in stats.items() if not st.tokens]
     if silent:
@@ -113,9 +137,40 @@ def calibrate(config: CalibrationConfig, progress: bool = True) -> tuple[dict[st
         "device": str(loaded.device),
         "split_token_types": config.split_token_types,
         "skipped_samples": len(report.skipped),
+        "execution": execution,
+        "sequential": masker is not None,
+        "seconds": round(time.perf_counter() - started, 3),
     }
     save_stats(config.output, stats, meta)
     return stats, meta
+
+
+def _whole_model(loaded, batches: list[list[Sample]], collector, config: CalibrationConfig, progress: bool) -> None:
+    bar = tqdm(total=sum(len(b) for b in batches), unit="sample", desc="Step 2: calibration", disable=not progress)
+    with bar:
+        for batch in batches:
+            inputs = _encode(loaded.processor, batch, config.include_answers).to(loaded.device)
+            with collector.batch(inputs["attention_mask"], image_positions(loaded, inputs)), torch.inference_mode():
+                loaded.model(**inputs, use_cache=False)
+            bar.update(len(batch))
+
+
+def _pruning_step(loaded, collector, names: set[str], masker: Masker):
+    """Sequential calibration's on_block: prune the block's layers in place from the statistics so far."""
+    def on_block(block) -> None:
+        for sub, module in block.module.named_modules():
+            name = f"{block.name}.{sub}" if sub else block.name
+            if name in names:
+                sq_mean = collector.layers[name].all.mean()
+                if sq_mean is None:
+                    raise MultiflowError(f"--sequential: layer {loaded.to_inventory_name[name]} saw no calibration "
+                                         "token before it was to be pruned")
+                with torch.no_grad():
+                    keep = masker(loaded.to_inventory_name[name], module.weight, sq_mean)
+                    if keep is not None:
+                        module.weight.masked_fill_(~keep.to(module.weight.device), 0)
+
+    return on_block
 
 
 def _aligned_pattern(family, loaded) -> str | None:

@@ -65,6 +65,15 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
                    help="also record language-model statistics separately over image-token and text-token positions")
     c.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code to run when loading (off by default)")
+    c.add_argument("--whole-model", action="store_true",
+                   help="load every weight at once (default: block by block, one encoder/decoder layer's weights "
+                        "in memory at a time, the rest left on disk; needs safetensors). Faster for small models")
+    c.add_argument("--samples-per-pass", type=int, default=64, metavar="N",
+                   help="block by block: samples whose activations are kept between blocks at once (default 64); "
+                        "more samples take another pass over the weights")
+    c.add_argument("--device-map", choices=["auto"], default=None,
+                   help="with --whole-model: spread the model over every GPU with accelerate (models too large "
+                        "for one); without it, --device holds one block at a time")
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -160,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     _calibration_args(r)
     r.add_argument("--target-sparsity", "--target_sparsity", dest="target", type=_target, metavar="S",
                    required=False, help="target sparsity in [0, 1) (required unless --structure N:M)")
+    r.add_argument("--sequential", action="store_true",
+                   help="calibrate each block on the outputs of the already-pruned blocks before it (as Wanda and "
+                        "SparseGPT do; each block runs twice). Default: one pass over the dense model, as the paper")
 
     e = sub.add_parser(
         "eval",
@@ -264,7 +276,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         include_answers=args.include_answers, split_token_types=args.split_token_types,
         rules=Path(args.rules) if args.rules else None,
         vision_tower=Path(args.vision_tower) if args.vision_tower else None,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, whole_model=args.whole_model,
+        samples_per_pass=args.samples_per_pass, device_map=args.device_map,
     )
     stats, meta = calibrate(config, progress=not args.quiet)
     if not args.quiet:
@@ -320,7 +333,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, dtype=args.dtype, device=args.device, include_answers=args.include_answers,
         split_token_types=args.split_token_types, method=args.method, allocation=args.allocation, group=args.group,
         structure=args.structure, dead_layers=args.dead_layers, rules=args.rules, overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code, vision_tower=args.vision_tower, progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code, vision_tower=args.vision_tower, whole_model=args.whole_model,
+        samples_per_pass=args.samples_per_pass, device_map=args.device_map, sequential=args.sequential,
+        progress=not args.quiet,
     )
     if not args.quiet:
         print(render_prune(report))

@@ -53,6 +53,7 @@ class Inventory:
     family: Family | None = None
     reader: Callable[[list[Layer]], Iterator[tuple[Layer, torch.Tensor]]] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    renames: tuple[tuple[str, str], ...] = ()  # checkpoint key -> module name (as applied to the layers)
 
     def dead_layers(self) -> list[str]:
         """Prunable layers whose output cannot reach the model's output (family data)."""
@@ -127,7 +128,7 @@ def _resolve_rules(config: dict[str, Any], rules: Any, where: str) -> tuple[Moda
     return family.rules, family, family.renames
 
 
-def _module_name(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+def module_name(key: str, renames: tuple[tuple[str, str], ...]) -> str:
     for pattern, replacement in renames:
         renamed, n = re.subn(pattern, replacement, key, count=1)
         if n:
@@ -149,7 +150,7 @@ def from_checkpoint(
     naming = family.naming if family else "checkpoint"
     weighted: list[tuple[str, TensorEntry]] = []  # (module name, entry)
     for entry in list_tensors(folder, allow_pickle):
-        weighted.append((_module_name(entry.key.removesuffix(".weight"), renames), entry))
+        weighted.append((module_name(entry.key.removesuffix(".weight"), renames), entry))
     notes = []
     if family is not None and family.vision_tower_prefix:
         has_vision = any((rule := ruleset.classify(name)) is not None and rule.group == "vision"
@@ -190,7 +191,8 @@ def from_checkpoint(
         for entry, tensor in read_tensors([layer.handle for layer in wanted], prefetch=prefetch):
             yield by_entry[id(entry)], tensor
 
-    return Inventory(ruleset, naming, layers, skipped, other, notes, str(folder), family, reader, config)
+    return Inventory(ruleset, naming, layers, skipped, other, notes, str(folder), family, reader, config,
+                     renames)
 
 
 def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = None) -> Inventory:

@@ -1,21 +1,61 @@
 """Load a checkpoint as a runnable transformers model with its processor (Step 2 needs forward passes).
 
-Hugging Face layouts load with `from_pretrained` (safetensors only unless the
-user allows pickles; `trust_remote_code` only when the user passes it).
+Two ways: the whole model in memory (Hugging Face layouts through
+`from_pretrained`: safetensors only unless the user allows pickles,
+`trust_remote_code` only when the user passes it), or lazily: the model built
+with its parameters on the meta device plus a `WeightSource` saying where each
+one lies on disk, so a runner can load one block at a time (`block_runner`).
+Original-layout LLaVA is converted to the transformers model either way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from multiflow.checkpoint import TensorEntry, list_tensors, read_tensors
 from multiflow.errors import MultiflowError
-from multiflow.layers import Inventory
+from multiflow.layers import Inventory, module_name
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class WeightSource:
+    """Where each parameter of a lazily built model lies: a checkpoint tensor, or one computed at load."""
+
+    entries: dict[str, TensorEntry]  # parameter name in the model -> checkpoint tensor
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. embeddings grown by new tokens
+
+    def load(self, model: torch.nn.Module, names: list[str], dtype: torch.dtype, device: torch.device) -> None:
+        """Give `model` the real values of parameters `names` (floating ones in `dtype`), on `device`."""
+        for name in names:
+            if name in self.computed:
+                set_parameter(model, name, _cast(self.computed[name], dtype, device))
+        on_disk = [n for n in names if n not in self.computed]
+        owner = {id(self.entries[n]): n for n in on_disk}
+        for entry, tensor in read_tensors([self.entries[n] for n in on_disk]):
+            set_parameter(model, owner[id(entry)], _cast(tensor, dtype, device))  # a copy: the buffer is reused
+
+    @staticmethod
+    def unload(model: torch.nn.Module, names: list[str]) -> None:
+        """Put parameters `names` back on the meta device (their memory is freed)."""
+        for name in names:
+            p = model.get_parameter(name)
+            set_parameter(model, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+
+
+def set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
 @dataclass
@@ -25,6 +65,8 @@ class LoadedModel:
     device: torch.device
     image_token_id: int | None
     to_inventory_name: dict[str, str]  # module name in the loaded model -> Step 1 layer name
+    weights: WeightSource | None = None  # set when parameters are still on disk (meta), for block-by-block runs
+    dtype: torch.dtype = torch.float32
 
 
 def resolve_device(device: str) -> torch.device:
@@ -46,16 +88,25 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     vision_tower: str | Path | None = None,
+    lazy: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """The checkpoint as an eval-mode transformers model on `device`, plus its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """The checkpoint as an eval-mode transformers model on `device`, plus its processor.
+
+    `lazy`: parameters stay on disk (meta device) and `LoadedModel.weights` says where;
+    buffers are real. `device_map` ("auto"): whole model spread over the GPUs by accelerate.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     folder = Path(folder)
     if dtype not in DTYPES:
         raise MultiflowError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     target = resolve_device(device)
     if inventory.naming == "llava-original":
-        return _load_original(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle)
+        if device_map is not None:
+            raise MultiflowError("--device-map applies to transformers-layout checkpoints; an original-layout LLaVA "
+                                 "is converted in memory: use --device")
+        return _load_original(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle, lazy)
     try:
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -64,12 +115,27 @@ def load_model(
             "Calibration needs the tokenizer and preprocessor files next to the weights"
         ) from exc
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle
-        )
+        if lazy:
+            from accelerate import init_empty_weights
+
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            extra = {"device_map": device_map} if device_map else {}
+            model = AutoModelForImageTextToText.from_pretrained(
+                folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
+                **extra)
     except (OSError, ValueError) as exc:
         raise MultiflowError(f"cannot load the model from {folder}: {exc}") from exc
-    model.to(target).eval()
+    weights = _lazy_source(folder, inventory, model) if lazy else None
+    if lazy:
+        _move_buffers(model, target)
+    elif device_map:
+        target = next(p.device for p in model.parameters())
+    else:
+        model.to(target)
+    model.eval()
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [layer.name for layer in inventory.layers if layer.name not in names]
     if missing:
@@ -80,7 +146,38 @@ def load_model(
     token_id = getattr(model.config, "image_token_id", None)
     if token_id is None:
         token_id = getattr(model.config, "image_token_index", None)
-    return LoadedModel(model, processor, target, token_id, {l.name: l.name for l in inventory.layers})
+    return LoadedModel(model, processor, target, token_id, {l.name: l.name for l in inventory.layers}, weights,
+                       DTYPES[dtype])
+
+
+def _lazy_source(folder: Path, inventory: Inventory, model: torch.nn.Module) -> WeightSource:
+    """Every parameter of the model's base (what a forward for statistics runs) found in the checkpoint."""
+    entries = {}
+    for entry in list_tensors(folder):
+        if entry.begin is None:
+            raise MultiflowError(f"{entry.file}: block-by-block loading reads safetensors only; convert the "
+                                 "checkpoint to safetensors or pass --whole-model")
+        entries[module_name(entry.key, inventory.renames)] = entry
+    needed = base_parameters(model)
+    missing = [n for n in needed if n not in entries]
+    if missing:
+        raise MultiflowError(f"{folder}: no checkpoint tensor for parameter {missing[0]} of the model "
+                             f"({len(missing)} missing); its key names are not known to multiflow: pass --whole-model")
+    return WeightSource({n: entries[n] for n in needed})
+
+
+def base_parameters(model: torch.nn.Module) -> list[str]:
+    """Full names of the parameters of the model's base (without its output head)."""
+    base = model.base_model
+    prefix = next(n for n, m in model.named_modules() if m is base)
+    return [f"{prefix}.{n}" if prefix else n for n, _ in base.named_parameters()]
+
+
+def _move_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
 
 
 # Original LLaVA repository key -> transformers (5.x, in-memory) module path, first match wins.
@@ -104,15 +201,16 @@ def _rename(key: str, rules) -> str | None:
 
 
 def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, device: torch.device,
-                   vision_tower: str | Path | None, allow_pickle: bool) -> LoadedModel:
+                   vision_tower: str | Path | None, allow_pickle: bool, lazy: bool = False) -> LoadedModel:
     """Convert an original-layout LLaVA checkpoint to the equivalent transformers LlavaForConditionalGeneration
-    in memory (as transformers' convert_llava_weights_to_hf.py does: `<image>` and `<pad>` tokens added,
+    (as transformers' convert_llava_weights_to_hf.py does: `<image>` and `<pad>` tokens added,
     new embedding rows set to the mean of the others)."""
+    from accelerate import init_empty_weights
     from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
                               LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
     from multiflow.calibration import LLAVA_15_CHAT_TEMPLATE
-    from multiflow.checkpoint import list_tensors, read_config, read_tensor
+    from multiflow.checkpoint import read_config, read_tensor
 
     config = read_config(folder)
     sources = [(e, _rename(e.key, _ORIGINAL_TO_HF) or e.key) for e in list_tensors(folder, allow_pickle)]
@@ -142,6 +240,17 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
         tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    entries = {name: e for e, name in sources}
+    computed = {}
+    vocab = entries["model.language_model.embed_tokens.weight"].shape[0]
+    if len(tokenizer) > vocab:  # new token rows: the mean of the existing rows
+        grow = len(tokenizer) - vocab
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            if key in entries:
+                old = read_tensor(entries.pop(key))
+                old = old.float()
+                computed[key] = torch.cat([old, old.mean(0, keepdim=True).expand(grow, -1)])
+        text.vocab_size = len(tokenizer)
     strategy = "full" if config.get("mm_vision_select_feature") == "cls_patch" else "default"
     llava = LlavaConfig(vision_config=vision, text_config=text,
                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -149,20 +258,18 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
                         vision_feature_select_strategy=strategy,
                         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
                         projector_hidden_act="gelu", multimodal_projector_bias=True)
-    state = {name: read_tensor(entry).to(dtype) for entry, name in sources}
-    model = LlavaForConditionalGeneration(llava).to(dtype)
-    embed = state["model.language_model.embed_tokens.weight"]
-    if len(tokenizer) > embed.shape[0]:  # new token rows: the mean of the existing rows
-        grow = len(tokenizer) - embed.shape[0]
-        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-            state[key] = torch.cat([state[key], state[key].float().mean(0, keepdim=True).to(dtype).expand(grow, -1)])
-        model.resize_token_embeddings(len(tokenizer))
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if missing or result.unexpected_keys:
+    with init_empty_weights(include_buffers=False):
+        model = LlavaForConditionalGeneration(llava)
+    params = [n for n, _ in model.named_parameters()]
+    missing = [n for n in params if n not in entries and n not in computed]
+    unexpected = [n for n in entries if n not in set(params)]
+    if missing or unexpected:
         raise MultiflowError(f"{folder}: converting to transformers LLaVA left {len(missing)} weights missing "
-                             f"({missing[:1]}) and {len(result.unexpected_keys)} unexpected "
-                             f"({result.unexpected_keys[:1]})")
+                             f"({missing[:1]}) and {len(unexpected)} unexpected ({unexpected[:1]})")
+    source = WeightSource(entries, computed)
+    _move_buffers(model, device)
+    if not lazy:
+        source.load(model, params, dtype, device)
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vision.patch_size,
                                vision_feature_select_strategy=strategy,
                                chat_template=getattr(tokenizer, "chat_template", None) or LLAVA_15_CHAT_TEMPLATE,
@@ -179,5 +286,5 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
     mapping = {hf: orig for hf, orig in to_original.items() if orig in wanted}
     if set(mapping.values()) != wanted:
         raise MultiflowError(f"{folder}: converted model lacks layers {sorted(wanted - set(mapping.values()))[:3]}")
-    model.to(device).eval()
-    return LoadedModel(model, processor, device, llava.image_token_id, mapping)
+    model.eval()
+    return LoadedModel(model, processor, device, llava.image_token_id, mapping, source if lazy else None, dtype)

@@ -194,6 +194,21 @@ def layer_mask(weight: torch.Tensor, plan_: LayerPlan, config: PruneConfig, sq_m
     return masks.layer_mask(score, plan_.k)
 
 
+def masker_for(config: PruneConfig, inventory: Inventory, progress: bool = False):
+    """`(layer name, weight, sq_mean) -> keep mask` by this config's plan, for sequential calibration
+    (blocks pruned in memory as it goes; the checkpoint is written by `prune` from the same statistics,
+    which gives the same masks when the calibration dtype holds the checkpoint's values exactly)."""
+    plans, _ = plan(config, inventory, progress)
+    by_name = {p.layer.name: p for p in plans}
+
+    def masker(name: str, weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor | None:
+        if name not in by_name:  # e.g. a --vision-tower folder's layers: calibrated, never written, never pruned
+            return None
+        return layer_mask(weight.cpu(), by_name[name], config, sq_mean)
+
+    return masker
+
+
 def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step 3: write the pruned checkpoint folder; return the report (also saved as multiflow_report.json)."""
     output = Path(config.output)
@@ -300,7 +315,8 @@ def _report(config, inventory, plans, dist, calibration, digest) -> dict[str, An
         "group": config.group, "structure": str(config.structure), "dead_layers": config.dead_layers,
         "dead_layer_names": inventory.dead_layers(),
         "target_sparsity": config.target_sparsity if dist is None else dist.target_sparsity,
-        "calibration": {k: calibration.get(k) for k in ("data", "nsamples", "seed", "prompt", "dtype")} if calibration else None,
+        "calibration": {k: calibration.get(k) for k in ("data", "nsamples", "seed", "prompt", "dtype", "execution",
+                                                                   "sequential")} if calibration else None,
         "global": {"layers": len(plans), "params": n_all, "pruned": pruned_all,
                    "achieved_sparsity": pruned_all / n_all if n_all else 0.0},
         "modalities": totals,

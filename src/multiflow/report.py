@@ -224,6 +224,12 @@ def render_prune(report: dict, edge: int = 5) -> str:
                      _pct(info["achieved_sparsity"]), f"{info['kept']:,}"])
     for line in _table(rows, {1, 2, 3}):
         w(line)
+    calibration = report.get("calibration") or {}
+    if calibration.get("execution"):
+        w(f"Calibration: {calibration['execution']}")
+    timings = {k.removesuffix("_seconds"): v for k, v in (report.get("timings") or {}).items() if v is not None}
+    if timings:
+        w("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return out.getvalue()
 
 

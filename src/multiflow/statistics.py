@@ -15,6 +15,7 @@ every row of their input counts.
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,6 +69,15 @@ class LayerStatistics:
     by_type: dict[str, RunningMean] = field(default_factory=dict)
 
 
+class _Batch(threading.local):
+    """The current forward pass's positions, per thread (block_runner runs one forward per worker thread)."""
+
+    keep: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    last: tuple[weakref.ref, bool, dict] | None = None
+    paused: bool = False
+
+
 class Collector:
     """Accumulates statistics for named layers while the model runs batches."""
 
@@ -75,43 +85,51 @@ class Collector:
         self.layers = {name: LayerStatistics(n) for name, n in in_features.items()}
         self.aligned = aligned
         self.split = split_token_types
-        self._keep: torch.Tensor | None = None
-        self._image: torch.Tensor | None = None
-        self._last: tuple[weakref.ref, bool, dict] | None = None
+        self._batch = _Batch()
 
     @contextmanager
     def batch(self, attention_mask: torch.Tensor, image_positions: torch.Tensor | None = None) -> Iterator[None]:
         """Positions of the next forward pass: non-padding tokens and image tokens ([batch, seq] each)."""
-        self._keep = attention_mask.bool()
-        self._image = None if image_positions is None else image_positions.bool() & self._keep
-        self._last = None
+        b = self._batch
+        b.keep = attention_mask.bool()
+        b.image = None if image_positions is None else image_positions.bool() & b.keep
+        b.last = None
         try:
             yield
         finally:
-            self._keep = self._image = None
-            self._last = None
+            b.keep = b.image = b.last = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Layers run in this thread meanwhile are not counted (a block re-run after pruning it)."""
+        self._batch.paused = True
+        try:
+            yield
+        finally:
+            self._batch.paused = False
 
     def _sums(self, x: torch.Tensor, aligned: bool) -> dict[str, tuple[torch.Tensor, int]]:
         # q/k/v (and gate/up) read the same input tensor object: compute its sums once (keyed on that
         # object itself; a detached copy would be a new object every call and never hit).
-        if self._last is not None and self._last[0]() is x and self._last[1] == aligned:
-            return self._last[2]
+        b = self._batch
+        if b.last is not None and b.last[0]() is x and b.last[1] == aligned:
+            return b.last[2]
         if aligned:
-            if self._keep is None or tuple(x.shape[:-1]) != tuple(self._keep.shape):
+            if b.keep is None or tuple(x.shape[:-1]) != tuple(b.keep.shape):
                 raise MultiflowError(
                     f"a language-model layer got input of shape {list(x.shape)} but the batch mask is "
-                    f"{None if self._keep is None else list(self._keep.shape)}; run one full forward per batch "
+                    f"{None if b.keep is None else list(b.keep.shape)}; run one full forward per batch "
                     "inside Collector.batch(...) without a KV cache"
                 )
-            keep = self._keep.to(x.device)
+            keep = b.keep.to(x.device)
             out = {"all": square_sums(x, keep)}
             if self.split:
-                image = (self._image if self._image is not None else torch.zeros_like(self._keep)).to(x.device)
+                image = (b.image if b.image is not None else torch.zeros_like(b.keep)).to(x.device)
                 out["image"] = square_sums(x, image)
                 out["text"] = square_sums(x, keep & ~image)
         else:
             out = {"all": square_sums(x, None)}
-        self._last = (weakref.ref(x), aligned, out)
+        b.last = (weakref.ref(x), aligned, out)
         return out
 
     def hook_for(self, name: str):
@@ -119,6 +137,8 @@ class Collector:
         aligned = name in self.aligned
 
         def hook(module: nn.Module, args: tuple) -> None:
+            if self._batch.paused:
+                return
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or x.shape[-1] != stats.in_features:
                 raise MultiflowError(f"layer {name}: expected an input with {stats.in_features} features")
