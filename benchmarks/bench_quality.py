@@ -6,6 +6,13 @@ ROUGE-L, KL(dense || pruned) and top-1 agreement on the reference answers). Then
 sensitivity to the number of calibration samples and to --include-answers.
 
     python benchmarks/bench_quality.py --out benchmarks/results/quality
+
+With --sequential, instead: one-pass calibration (the paper's, the default) against sequential
+calibration (`multiflow run --sequential`: each block calibrated on the outputs of the already-pruned
+blocks before it, as Wanda and SparseGPT do), for wanda and multiflow x {uniform, modality} x
+sparsity x seeds; written to sequential.json / sequential.md.
+
+    python benchmarks/bench_quality.py --sequential --seeds 0 1 2 --out benchmarks/results/quality
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=600, help="evaluation items (default 600)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (mean and spread)")
     parser.add_argument("--skip-ablations", action="store_true", help="only the main table")
+    parser.add_argument("--sequential", action="store_true",
+                        help="only compare one-pass and sequential calibration (sequential.json, sequential.md)")
     args = parser.parse_args()
     calib, evalset = demo_split("calibration"), demo_split("evaluation")
     if calib is None or evalset is None or not (args.model / "config.json").is_file():
@@ -51,6 +60,14 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_kind"}), flush=True)
 
+    if args.sequential:
+        with tempfile.TemporaryDirectory(prefix="mf-quality-") as tmp:
+            score(args.model, {"method": "dense", "allocation": "-", "sparsity": 0.0, "seed": None})
+            compare_sequential(args, calib, Path(tmp), score)
+        (args.out / "sequential.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (args.out / "sequential.md").write_text(sequential_table(rows, args.sparsities))
+        print(sequential_table(rows, args.sparsities))
+        return
     with tempfile.TemporaryDirectory(prefix="mf-quality-") as tmp:
         tmp = Path(tmp)
         score(args.model, {"method": "dense", "allocation": "-", "sparsity": 0.0, "seed": None})
@@ -85,6 +102,36 @@ def main() -> None:
     (args.out / "table.md").write_text(table(rows, args.sparsities))
     plot(rows, args.sparsities, args.out / "accuracy_vs_sparsity.png")
     print(table(rows, args.sparsities))
+
+
+def compare_sequential(args, calib: Path, tmp: Path, score) -> None:
+    for seed in args.seeds:
+        for s in args.sparsities:
+            for method in ("wanda", "multiflow"):
+                for allocation in ALLOCATIONS:
+                    for sequential in (False, True):
+                        out = tmp / "pruned"
+                        multiflow.run(args.model, out, s, data=calib, nsamples=args.nsamples, seed=seed,
+                                      batch_size=16, method=method, allocation=allocation, sequential=sequential,
+                                      overwrite=True)
+                        score(out, {"method": method, "allocation": allocation, "sparsity": s, "seed": seed,
+                                    "calibration": "sequential" if sequential else "one pass"})
+
+
+def sequential_table(rows: list[dict], sparsities: list[float]) -> str:
+    lines = ["| method | allocation | sparsity | one pass: accuracy % | sequential: accuracy % | one pass: KL | "
+             "sequential: KL |", "|---|---|---:|---:|---:|---:|---:|"]
+    for s in sparsities:
+        for method in ("wanda", "multiflow"):
+            for allocation in ALLOCATIONS:
+                cells = []
+                for key in ("accuracy", "kl"):
+                    for mode in ("one pass", "sequential"):
+                        group = [r for r in rows if r.get("calibration") == mode and r["method"] == method
+                                 and r["allocation"] == allocation and r["sparsity"] == s]
+                        cells.append(_agg(group, key))
+                lines.append(f"| {method} | {allocation} | {s:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _agg(rows: list[dict], key: str) -> str:

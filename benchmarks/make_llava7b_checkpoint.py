@@ -18,7 +18,9 @@ seed (and torch's CPU normal_ implementation), not on threads or order.
 Memory stays at about one shard (the shard's tensors plus safetensors' copy
 while it writes: ~10 GB peak for 5 GB shards). A folder that is already
 complete (index, config and every shard of the expected size) is left as is
-unless --force.
+unless --force. Processor files (tokenizer, image processor, chat template; see
+`write_processor`) are written next to the weights, so that `multiflow calibrate` and
+`run` can use the folder.
 """
 
 from __future__ import annotations
@@ -244,6 +246,34 @@ def verify_with_transformers(specs) -> None:
     print(f"keys and shapes match transformers LlavaForConditionalGeneration ({len(ours)} tensors)")
 
 
+def write_processor(out: Path) -> None:
+    """Processor files for calibration: a character-level tokenizer padded to the 32,064-token vocabulary with
+    `<image>` at 32000 and `<pad>` at 32001 (as llava-hf), CLIP's 336 px image processor (576 image tokens),
+    the LLaVA-1.5 chat template. The real Llama tokenizer is not reachable offline; token ids only index
+    random embeddings here, so what matters is the prompt length (576 image + ~60 text tokens)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from multiflow.calibration import LLAVA_15_CHAT_TEMPLATE
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(set(string.printable) - set("\x0b\x0c\r")):
+        vocab.setdefault(ch, len(vocab))
+    while len(vocab) < 32000:
+        vocab[f"<unused{len(vocab)}>"] = len(vocab)
+    vocab["<image>"], vocab["<pad>"] = 32000, 32001
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": V_IMAGE}, crop_size={"height": V_IMAGE, "width": V_IMAGE})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=V_PATCH,
+                   vision_feature_select_strategy="default", chat_template=LLAVA_15_CHAT_TEMPLATE,
+                   num_additional_image_tokens=1).save_pretrained(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", type=Path)
@@ -267,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out_dir
     if not args.force and is_complete(out, shards, total_bytes):
         print(f"{out} is already complete ({n} shards); pass --force to regenerate")
+        write_processor(out)
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -306,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, index_path)
     print(f"wrote {out}: {n} shards, {total:,} parameters, {total_bytes / 1e9:.2f} GB "
           f"in {time.perf_counter() - t_all:.1f} s (generate {t_gen:.1f} s, write {t_write:.1f} s)")
+    write_processor(out)
     return 0
 
 

@@ -180,3 +180,29 @@ def test_an_error_in_a_batch_stops_every_worker(demo, jsonl, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="boom in the MLP"):
         calibrate(CalibrationConfig(model=folder, output=tmp_path / "s.safetensors", data=jsonl, nsamples=4), False)
     assert threading.active_count() == before and not (tmp_path / "s.safetensors").exists()
+
+
+def test_whole_model_with_device_map_auto_equals_block_by_block(demo, jsonl, tmp_path):
+    """accelerate's device map (all on the CPU here) runs the same pass."""
+    folder, _, _ = demo
+    common = dict(model=folder, data=jsonl, nsamples=2)
+    mapped, meta = calibrate(CalibrationConfig(output=tmp_path / "m.safetensors", whole_model=True, device_map="auto",
+                                               **common), False)
+    blocks, _ = calibrate(CalibrationConfig(output=tmp_path / "b.safetensors", **common), False)
+    assert_same_stats(mapped, blocks)
+    assert meta["execution"] == "whole model"
+
+
+def test_cli_flags_reach_the_run(demo, jsonl, tmp_path, capsys):
+    from multiflow.cli import main
+
+    folder, _, _ = demo
+    assert main(["run", "--model", str(folder), "--data", str(jsonl), "--nsamples", "3", "--target-sparsity", "0.4",
+                 "--method", "wanda", "--sequential", "--samples-per-pass", "3", "--output", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "Calibration: block by block (10 blocks, 1 pass, sequential)" in out and "calibrate" in out.split("Time: ")[1]
+    assert main(["calibrate", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--whole-model",
+                 "--output", str(tmp_path / "s.safetensors")]) == 0
+    assert load_stats(tmp_path / "s.safetensors")[1]["execution"] == "whole model"
+    assert main(["calibrate", "--model", str(folder), "--samples-per-pass", "0", "--output", str(tmp_path / "x")]) == 2
+    assert "--samples-per-pass" in capsys.readouterr().err

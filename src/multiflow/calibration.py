@@ -100,6 +100,8 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
     loaded = load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code,
                         config.allow_pickle, config.vision_tower, lazy=not config.whole_model,
                         device_map=config.device_map)
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
     family = inventory.family
     # hooks live on the loaded model's modules; the file uses the checkpoint's (Step 1) names
     to_model = {v: k for k, v in loaded.to_inventory_name.items()}
@@ -141,6 +143,8 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
         "sequential": masker is not None,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if loaded.device.type == "cuda":
+        meta["peak_device_memory_gib"] = round(torch.cuda.max_memory_allocated(loaded.device) / 2**30, 3)
     save_stats(config.output, stats, meta)
     return stats, meta
 

@@ -16,6 +16,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,13 +224,17 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
     if config.method != "magnitude":
         stats, stats_meta = load_stats(config.stats)
         check_stats(stats, inventory, config.stats)
+    started = time.perf_counter()
     plans, dist = plan(config, inventory, progress)
+    planned = time.perf_counter()
     by_key = {(p.layer.handle.file, p.layer.handle.key): p for p in plans}
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         digest = _write_pruned(Path(config.model), tmp, by_key, config, stats, progress)
         report = _report(config, inventory, plans, dist, stats_meta if calibration is None else calibration, digest)
+        report["timings"] = {"distribute_seconds": round(planned - started, 3),
+                             "prune_seconds": round(time.perf_counter() - planned, 3)}
         if dist is not None:
             from multiflow.plots import plot_distribution
 
@@ -315,8 +320,8 @@ def _report(config, inventory, plans, dist, calibration, digest) -> dict[str, An
         "group": config.group, "structure": str(config.structure), "dead_layers": config.dead_layers,
         "dead_layer_names": inventory.dead_layers(),
         "target_sparsity": config.target_sparsity if dist is None else dist.target_sparsity,
-        "calibration": {k: calibration.get(k) for k in ("data", "nsamples", "seed", "prompt", "dtype", "execution",
-                                                                   "sequential")} if calibration else None,
+        "calibration": {k: calibration.get(k) for k in ("data", "nsamples", "seed", "prompt", "dtype", "device",
+                                                                   "execution", "sequential", "peak_device_memory_gib")} if calibration else None,
         "global": {"layers": len(plans), "params": n_all, "pruned": pruned_all,
                    "achieved_sparsity": pruned_all / n_all if n_all else 0.0},
         "modalities": totals,
