@@ -58,7 +58,7 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
               nsamples: int = 128, seed: int = 0, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
               include_answers: bool = False, split_token_types: bool = False, rules=None, vision_tower=None,
               allow_pickle: bool = False, trust_remote_code: bool = False, whole_model: bool = False,
-              samples_per_pass: int = 64, device_map: str | None = None, progress: bool = False, masker=None):
+              samples_per_pass: int | None = None, device_map: str | None = None, progress: bool = False, masker=None):
     """Step 2: write the activation statistics of every prunable layer to `output`; returns (stats, metadata).
 
     Block by block unless `whole_model`: one block's weights in memory at a time.
@@ -103,7 +103,7 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         include_answers: bool = False, split_token_types: bool = False, method: str = "multiflow",
         allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
         dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
-        vision_tower=None, whole_model: bool = False, samples_per_pass: int = 64, device_map: str | None = None,
+        vision_tower=None, whole_model: bool = False, samples_per_pass: int | None = None, device_map: str | None = None,
         sequential: bool = False, progress: bool = False) -> dict:
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
 

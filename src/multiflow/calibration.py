@@ -32,6 +32,9 @@ LLAVA_15_CHAT_TEMPLATE = (
 )
 
 
+DEFAULT_SAMPLES_PER_PASS = 64
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Everything `multiflow calibrate` needs, validated at the edge (the CLI)."""
@@ -51,7 +54,7 @@ class CalibrationConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     whole_model: bool = False  # load every weight at once instead of one block at a time
-    samples_per_pass: int = 64  # block by block: samples in flight (their activations in memory) per pass
+    samples_per_pass: int | None = None  # block by block: samples in flight per pass (default 64; sequential: all)
     device_map: str | None = None  # whole model spread over devices by accelerate ("auto")
 
     def __post_init__(self) -> None:
@@ -59,7 +62,7 @@ class CalibrationConfig:
             raise MultiflowError(f"--nsamples {self.nsamples}: give at least 1")
         if self.batch_size < 1:
             raise MultiflowError(f"--batch-size {self.batch_size}: give at least 1")
-        if self.samples_per_pass < 1:
+        if self.samples_per_pass is not None and self.samples_per_pass < 1:
             raise MultiflowError(f"--samples-per-pass {self.samples_per_pass}: give at least 1")
         if self.device_map is not None and not self.whole_model:
             raise MultiflowError("--device-map spreads the whole model over devices: add --whole-model (block by "
@@ -115,8 +118,9 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
         else:
             encoded = [_encode(loaded.processor, b, config.include_answers).to(loaded.device) for b in batches]
             on_block = None if masker is None else _pruning_step(loaded, collector, set(names), masker)
+            per_pass = config.samples_per_pass or (len(samples) if masker else DEFAULT_SAMPLES_PER_PASS)
             run = run_blocks(loaded, [dict(e) for e in encoded], collector, names, on_block,
-                             max(1, config.samples_per_pass // config.batch_size), progress)
+                             max(1, per_pass // config.batch_size), progress)
             execution = (f"block by block ({run['blocks']} blocks, {run['passes']} pass"
                          f"{'es' if run['passes'] > 1 else ''}{', sequential' if masker else ''})")
     stats = {loaded.to_inventory_name[name]: st for name, st in from_collector(collector).items()}

@@ -68,9 +68,10 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--whole-model", action="store_true",
                    help="load every weight at once (default: block by block, one encoder/decoder layer's weights "
                         "in memory at a time, the rest left on disk; needs safetensors). Faster for small models")
-    c.add_argument("--samples-per-pass", type=int, default=64, metavar="N",
-                   help="block by block: samples whose activations are kept between blocks at once (default 64); "
-                        "more samples take another pass over the weights")
+    c.add_argument("--samples-per-pass", type=int, default=None, metavar="N",
+                   help="block by block: samples whose activations are kept between blocks at once (default 64, "
+                        "and all of them with --sequential, which needs one pass); more samples take another "
+                        "pass over the weights")
     c.add_argument("--device-map", choices=["auto"], default=None,
                    help="with --whole-model: spread the model over every GPU with accelerate (models too large "
                         "for one); without it, --device holds one block at a time")
