@@ -27,7 +27,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_path", "--model-path", dest="model", metavar="PATH",
                    help="checkpoint folder (config.json + safetensors). Layouts: llava-hf hub (transformers 4.x), "
                         "transformers 5.x save_pretrained, in-memory state-dict names, original LLaVA repository. "
-                        "Default: the bundled demo model (tiny LLaVA, random weights)")
+                        "Default: the bundled demo model (a small LLaVA trained on handwritten digits)")
     p.add_argument("--vision-tower", "--vision_tower", dest="vision_tower", metavar="PATH",
                    help="local CLIP folder for an original-layout LLaVA checkpoint that lacks the vision tower "
                         "weights (its config names them in mm_vision_tower)")
@@ -58,7 +58,8 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
                    help="samples per forward pass (default 1); results equal up to float rounding")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype to run the model in (default float32)")
-    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available; default cpu)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available; default cpu). "
+                   "Block by block, the GPU holds one block's weights at a time")
     c.add_argument("--include-answers", action="store_true",
                    help="append the answer to each prompt (default: the prompt ends at 'ASSISTANT:', as the seed)")
     c.add_argument("--split-token-types", action="store_true",
