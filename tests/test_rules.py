@@ -49,6 +49,13 @@ def _tiny(kind):
                          "num_attention_heads": 2, "vocab_size": 40, "encoder_hidden_size": 16},
             projection_dim=8)
         return tf.BlipForQuestionAnswering(cfg)
+    if kind == "dual_encoder":
+        cfg = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
+            tf.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=16, patch_size=8),
+            tf.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          vocab_size=40), projection_dim=8)
+        return tf.VisionTextDualEncoderModel(cfg)
     cfg = tf.CLIPConfig(
         vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
@@ -63,6 +70,7 @@ def _tiny(kind):
     ("qwen2_vl", {"vision", "fusion"}),
     ("blip", {"vision", "text"}),
     ("clip", {"vision", "text"}),
+    ("dual_encoder", {"vision", "text"}),
 ])
 def test_other_families_in_memory_and_saved(kind, modalities, tmp_path):
     torch.manual_seed(0)

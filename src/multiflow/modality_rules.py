@@ -243,6 +243,23 @@ FAMILIES: tuple[Family, ...] = (
         architectures=("CLIPModel", "CLIPVisionModel"),
         aligned_layers=r"^text_model\.",
     ),
+    # transformers' VisionTextDualEncoderModel (any vision tower + any text encoder, CLIP-style heads):
+    # the issue-7 benchmark model (CLIP vision tower + pretrained MiniLM).
+    Family(
+        rules=ModalityRules(
+            "vision-text-dual-encoder",
+            ("vision", "text"),
+            (
+                Rule(r"^vision_model\.", "vision", "vision tower"),
+                Rule(r"^text_model\.", "text", "text encoder"),
+                Rule(r"^(visual|text)_projection$", "skip", "projection head (skipped, as CLIP's)"),
+            ),
+        ),
+        naming="transformers",
+        model_types=("vision-text-dual-encoder",),
+        architectures=("VisionTextDualEncoderModel",),
+        aligned_layers=r"^text_model\.",
+    ),
 )
 
 
