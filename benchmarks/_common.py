@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: CPU-load probes, the git revision, number formatting."""
+"""Helpers shared by the benchmark scripts: CPU-load probes, the git revision, number formatting, GNU time."""
 
 from __future__ import annotations
 
@@ -35,3 +35,16 @@ def git_rev(repo: Path) -> str:
 
 def fmt(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def gnu_time() -> str | None:
+    """/usr/bin/time if it is GNU time (accepts -f/-o), else None."""
+    path = "/usr/bin/time"
+    if not os.access(path, os.X_OK):
+        return None
+    try:
+        ok = subprocess.run([path, "-f", "%M", "-o", os.devnull, "true"], capture_output=True, timeout=10,
+                            check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if ok else None

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import busy_cpu_seconds, fmt, git_rev, self_cpu_seconds  # noqa: E402
+from _common import busy_cpu_seconds, fmt, git_rev, gnu_time, self_cpu_seconds  # noqa: E402
 
 CHUNK = 16 * 1024 * 1024
 TARGETS = {"cold_ratio": 1.3, "warm_ratio": 6.0, "peak_rss_mb": 1024.0}
@@ -156,17 +156,6 @@ def resident_bytes(files: list[Path]) -> int | None:
     except (OSError, AttributeError, TypeError):
         return None
 
-
-def gnu_time() -> str | None:
-    """/usr/bin/time if it is GNU time (accepts -f/-o), else None."""
-    path = "/usr/bin/time"
-    if not os.access(path, os.X_OK):
-        return None
-    try:
-        ok = subprocess.run([path, "-f", "%M", "-o", os.devnull, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return path if ok else None
 
 
 def run_child(argv: list[str], log: Path, timer: str | None) -> tuple[float, float, int, float]:

@@ -75,7 +75,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import busy_cpu_seconds, fmt, git_rev  # noqa: E402
+from _common import busy_cpu_seconds, fmt, git_rev, gnu_time  # noqa: E402
 
 REPO = HERE.parent
 DEFAULT_LLMC_PYTHON = "/work/llmc-venv/bin/python"
@@ -185,17 +185,6 @@ def compare_masks(original: Path, reference: Path, others: list[Path]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # children
 
-
-def gnu_time() -> str | None:
-    path = "/usr/bin/time"
-    if not os.access(path, os.X_OK):
-        return None
-    try:
-        ok = subprocess.run([path, "-f", "%M", "-o", os.devnull, "true"], capture_output=True, timeout=10,
-                            check=False).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return path if ok else None
 
 
 def run_child(argv: list[str], log: Path, timer: str | None) -> dict:

@@ -83,6 +83,23 @@ def original_config(model) -> dict:
     return cfg
 
 
+def original_with_clip_folder(model, processor, root: Path) -> tuple[Path, Path]:
+    """`model` in the original LLaVA layout without its vision tower (root/orig, with the tokenizer) and
+    that vision tower as a separate CLIP folder (root/clip, with the image processor), as users have them."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    text = model.config.text_config.to_dict()
+    text.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower="clip-local",
+                mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+    original = write_checkpoint(root / "orig", {original_key(k): v for k, v in sd.items()
+                                                if not k.startswith("model.vision_tower.")}, text)
+    processor.tokenizer.save_pretrained(original)
+    clip = write_checkpoint(root / "clip", {"vision_model." + k[len("model.vision_tower."):]: v
+                                            for k, v in sd.items() if k.startswith("model.vision_tower.")},
+                            dict(model.config.vision_config.to_dict(), model_type="clip_vision_model"))
+    processor.image_processor.save_pretrained(clip)
+    return original, clip
+
+
 def layouts(model, root: Path) -> dict[str, Path]:
     """The same weights in every layout multiflow accepts."""
     sd = state(model)

@@ -42,22 +42,13 @@ def test_block_by_block_equals_whole_model_bit_for_bit(demo, jsonl, tmp_path, ba
 
 def test_layouts_and_original_with_clip_folder_load_lazily_and_match(demo, jsonl, tmp_path):
     """hub4 (sharded) and original + --vision-tower: block by block equals the whole-model path."""
-    from conftest import hub_key, original_key, write_checkpoint
+    from conftest import hub_key, original_with_clip_folder, write_checkpoint
 
     folder, model, processor = demo
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     hub = write_checkpoint(tmp_path / "hub4", {hub_key(k): v for k, v in sd.items()}, model.config.to_dict(), shards=3)
     processor.save_pretrained(hub)
-    text = model.config.text_config.to_dict()
-    text.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower="clip-local",
-                mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch")
-    original = write_checkpoint(tmp_path / "orig", {original_key(k): v for k, v in sd.items()
-                                                    if not k.startswith("model.vision_tower.")}, text)
-    processor.tokenizer.save_pretrained(original)
-    clip = write_checkpoint(tmp_path / "clip", {"vision_model." + k[len("model.vision_tower."):]: v
-                                                for k, v in sd.items() if k.startswith("model.vision_tower.")},
-                            dict(model.config.vision_config.to_dict(), model_type="clip_vision_model"))
-    processor.image_processor.save_pretrained(clip)
+    original, clip = original_with_clip_folder(model, processor, tmp_path)
     for path, extra in ((hub, {}), (original, {"vision_tower": clip})):
         common = dict(model=path, data=jsonl, nsamples=3, **extra)
         whole, _ = calibrate(CalibrationConfig(output=tmp_path / "w.safetensors", whole_model=True, **common), False)

@@ -129,21 +129,10 @@ def test_run_equals_calibrate_then_prune(demo, jsonl, tmp_path, capsys):
 
 def test_original_layout_converted_on_the_fly_equals_hf(demo, jsonl, tmp_path):
     """The demo model written in the original LLaVA layout (+ a separate CLIP folder) calibrates identically."""
-    from conftest import original_key, write_checkpoint
+    from conftest import original_key, original_with_clip_folder
 
     folder, model, processor = demo
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    text = model.config.text_config.to_dict()
-    text.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower="clip-local",
-                mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch")
-    original = write_checkpoint(tmp_path / "orig", {original_key(k): v for k, v in sd.items()
-                                                    if not k.startswith("model.vision_tower.")}, text)
-    processor.tokenizer.save_pretrained(original)
-    clip_config = dict(model.config.vision_config.to_dict(), model_type="clip_vision_model")
-    clip = write_checkpoint(tmp_path / "clip", {"vision_model." + k[len("model.vision_tower."):]: v
-                                                for k, v in sd.items() if k.startswith("model.vision_tower.")},
-                            clip_config)
-    processor.image_processor.save_pretrained(clip)
+    original, clip = original_with_clip_folder(model, processor, tmp_path)
 
     with pytest.raises(MultiflowError, match="--vision-tower"):
         calibrate(CalibrationConfig(model=original, output=tmp_path / "x.safetensors", data=jsonl, nsamples=2),
