@@ -229,3 +229,30 @@ def test_cli_prune_and_run(ckpt, tmp_path, capsys):
     assert main(["prune", "--model", str(folders["hub4"]), "--structure", "2:2", "--output", str(tmp_path / "q"),
                  "--method", "magnitude"]) == 2
     assert "0 < N < M" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,allocation,group,structure", [
+    ("multiflow", "modality", "layer", "unstructured"), ("wanda", "uniform", "row", "unstructured"),
+    ("magnitude", "global", "layer", "unstructured"), ("multiflow", "modality", "layer", "1:4"),
+])
+def test_prune_module_in_memory_equals_the_checkpoint_path(ckpt, tmp_path, method, allocation, group, structure):
+    import copy
+
+    model, folders, stats, root = ckpt
+    target = None if structure != "unstructured" else S
+    stats_arg = None if method == "magnitude" else root / "stats.safetensors"
+    report = prune(PruneConfig(model=folders["inmemory"], output=tmp_path / "out", target_sparsity=target,
+                               stats=stats_arg, method=method, allocation=allocation, group=group,
+                               structure=Structure.parse(structure)), progress=False)
+    written = weights_by_name(tmp_path / "out")
+    pruned = copy.deepcopy(model)
+    in_memory = multiflow.prune_module(pruned, target, stats=None if method == "magnitude" else stats, method=method,
+                                       allocation=allocation, group=group, structure=structure)
+    assert in_memory["layers"] == report["layers"] and in_memory["global"] == report["global"]
+    for name in report["layers"]:
+        assert torch.equal(pruned.get_submodule(name).weight, written[name + ".weight"]), name
+    assert in_memory["global"]["pruned"] > 0
+    untouched = copy.deepcopy(model)
+    with pytest.raises(MultiflowError, match="statistics"):
+        multiflow.prune_module(untouched, 0.5, method="wanda")
+    assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), model.state_dict().values()))

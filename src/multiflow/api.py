@@ -144,6 +144,20 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         return _save_report(output, report)
 
 
+def prune_module(model: nn.Module, target_sparsity: float | None = None, *, stats=None, method: str = "multiflow",
+                 allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
+                 dead_layers: str = "keep", rules=None) -> dict:
+    """Step 3 in memory: zero the pruned weights of `model`'s prunable linears in place; returns the report.
+
+    `stats`: {module name: LayerStats}, e.g. `stats_file.from_collector(collector)` after forward passes
+    inside `statistics.collect_statistics(model, names, aligned_pattern)`; needed by wanda and multiflow.
+    """
+    from multiflow.pruning import prune_module as _prune_module
+
+    return _prune_module(model, target_sparsity, stats=stats, method=method, allocation=allocation, group=group,
+                         structure=structure, dead_layers=dead_layers, rules=rules)
+
+
 def _save_report(output, report: dict) -> dict:
     import json
 

@@ -210,6 +210,40 @@ def masker_for(config: PruneConfig, inventory: Inventory, progress: bool = False
     return masker
 
 
+# An in-memory run has no files: PruneConfig's file fields hold this placeholder; only its choices are read.
+_IN_MEMORY = Path("<in memory>")
+
+
+def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats: dict[str, LayerStats] | None = None,
+                 method: str = "multiflow", allocation: str = "modality", group: str = "layer",
+                 structure: str = "unstructured", dead_layers: str = "keep", rules=None) -> dict[str, Any]:
+    """Step 3 on an nn.Module in memory: zero the pruned weights of its prunable nn.Linear layers in place.
+
+    The same allocation (Step 1 on the module's own weights), scores and masks as `prune` on a
+    checkpoint (tested equal). `stats` maps module names to `LayerStats` (`stats_file.from_collector`
+    of a `statistics.collect_statistics` run), needed by wanda and multiflow. `rules`: as Step 1's.
+    Returns the report (`prune`'s fields without the file ones).
+    """
+    config = PruneConfig(model=_IN_MEMORY, output=_IN_MEMORY, target_sparsity=target_sparsity,
+                         stats=None if method == "magnitude" else _IN_MEMORY, method=method, allocation=allocation,
+                         group=group, structure=Structure.parse(structure), dead_layers=dead_layers)
+    inventory = layers_mod.from_module(model, rules)
+    if method != "magnitude":
+        check_stats(stats or {}, inventory, Path("stats"))
+    plans, dist = plan(config, inventory, progress=False)
+    with torch.no_grad():
+        for p in plans:
+            weight = p.layer.handle
+            sq_mean = None if method == "magnitude" else stats[p.layer.name].sq_mean
+            keep = layer_mask(weight.detach().cpu(), p, config, sq_mean).to(weight.device)
+            weight.masked_fill_(~keep, 0)
+            p.pruned = int(keep.numel() - keep.sum())
+    report = _report(config, inventory, plans, dist, None, None)
+    for key in ("model", "input_sha256"):
+        report.pop(key)
+    return report
+
+
 def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step 3: write the pruned checkpoint folder; return the report (also saved as multiflow_report.json)."""
     output = Path(config.output)
