@@ -82,9 +82,12 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["multiflow", "wanda", "magnitude"], default="multiflow",
                    help="score: multiflow = information flow (paper Eq. 6), wanda = |W|*||x||, magnitude = |W| "
                         "(default multiflow)")
-    p.add_argument("--allocation", choices=["modality", "uniform", "global"], default="modality",
+    p.add_argument("--allocation", choices=["modality", "uniform", "global", "scores", "owl"], default="modality",
                    help="per-layer sparsity: modality = Step 1's per-modality magnitude map (default), uniform = "
-                        "every layer at the target, global = one magnitude threshold over all modalities (ablation)")
+                        "every layer at the target, global = one magnitude threshold over all modalities (ablation), "
+                        "scores = one threshold per modality over each layer's --method scores divided by their "
+                        "mean, owl = outlier-weighted (OWL: layers with more scores above 5x their mean keep more, "
+                        "within +-0.08 of the target)")
     p.add_argument("--group", choices=["layer", "row"], default="layer",
                    help="comparison group for the threshold: the whole matrix (default, as the paper) or each "
                         "output row (Wanda's choice)")

@@ -35,7 +35,8 @@ from multiflow.stats_file import LayerStats, load_stats
 log = logging.getLogger("multiflow")
 
 METHODS = ("multiflow", "wanda", "magnitude")
-ALLOCATIONS = ("modality", "uniform", "global")
+ALLOCATIONS = ("modality", "uniform", "global", "scores", "owl")
+SCORE_ALLOCATIONS = ("scores", "owl")  # per-layer sparsity from the scores: need the statistics before planning
 GROUPS = ("layer", "row")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -99,6 +100,9 @@ class PruneConfig:
         if self.distribution is not None and self.allocation != "modality":
             raise MultiflowError(f"--distribution is Step 1's per-layer map: it applies to --allocation modality, "
                                  f"not {self.allocation}")
+        if self.allocation in SCORE_ALLOCATIONS and self.dead_layers == "prune":
+            raise MultiflowError(f"--allocation {self.allocation} allocates from the scores of every layer; "
+                                 "--dead-layers prune applies to the modality and global allocations")
         if self.distribution is not None and self.dead_layers == "prune":
             raise MultiflowError("--dead-layers prune recomputes Step 1 with the dead layers counted; drop --distribution")
 
@@ -114,8 +118,10 @@ class LayerPlan:
     pruned: int = 0
 
 
-def plan(config: PruneConfig, inventory: Inventory, progress: bool = True) -> tuple[list[LayerPlan], Distribution | None]:
-    """Per-layer pruning counts from the allocation; validates the distribution against the model."""
+def plan(config: PruneConfig, inventory: Inventory, progress: bool = True,
+         stats: dict[str, LayerStats] | None = None) -> tuple[list[LayerPlan], Distribution | None]:
+    """Per-layer pruning counts from the allocation; validates the distribution against the model.
+    `stats` (the score allocations need them unless --method magnitude): {layer name: LayerStats}."""
     dead = set(inventory.dead_layers()) if config.dead_layers == "prune" else set()
     if config.structure.is_n_m:
         s = config.structure
@@ -124,6 +130,8 @@ def plan(config: PruneConfig, inventory: Inventory, progress: bool = True) -> tu
                 raise MultiflowError(f"layer {layer.name} has {layer.shape[1]} inputs, not a multiple of M={s.m} "
                                      f"for --structure {s}")
         return [LayerPlan(l, 0, 1 - s.n / s.m) for l in inventory.layers], None
+    if config.allocation in SCORE_ALLOCATIONS:
+        return _score_plans(config, inventory, stats, progress), None
     if config.allocation == "uniform":
         s = check_target(config.target_sparsity)
         dist = None
@@ -147,6 +155,26 @@ def plan(config: PruneConfig, inventory: Inventory, progress: bool = True) -> tu
         if p.layer.name in dead:
             p.dead, p.k, p.target = True, (p.layer.numel if config.group == "layer" else p.layer.shape[1]), 1.0
     return plans, dist
+
+
+def _score_plans(config: PruneConfig, inventory: Inventory, stats, progress: bool) -> list[LayerPlan]:
+    from multiflow import allocation
+
+    s = check_target(config.target_sparsity)
+    if stats is None and config.method != "magnitude":
+        raise MultiflowError(f"--allocation {config.allocation} derives each layer's sparsity from the "
+                             f"{config.method} scores: it needs the statistics (and cannot be fixed before "
+                             "calibration, as --sequential would need)")
+
+    def score(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
+        return layer_score(config.method, weight, None if stats is None else stats[layer.name].sq_mean)
+
+    if config.allocation == "scores":
+        counts = allocation.score_counts(inventory, score, s, progress)
+        return [LayerPlan(l, counts[l.name] if config.group == "layer" else _k(config, l, counts[l.name] / l.numel),
+                          counts[l.name] / l.numel) for l in inventory.layers]
+    sparsities = allocation.owl_sparsities(inventory, score, s)
+    return [LayerPlan(l, _k(config, l, sparsities[l.name]), sparsities[l.name]) for l in inventory.layers]
 
 
 def _k(config: PruneConfig, layer: Layer, s: float) -> int:
@@ -178,16 +206,20 @@ def check_stats(stats: dict[str, LayerStats], inventory: Inventory, where: Path)
                                  f"the layer has {layer.shape[1]} inputs")
 
 
+def layer_score(method: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> torch.Tensor:
+    """A layer's float32 importance scores by --method."""
+    if method == "magnitude":
+        return scores.magnitude_score(weight)
+    if method == "wanda":
+        return scores.wanda_score(weight, sq_mean)
+    return scores.multiflow_score(weight, sq_mean)
+
+
 def layer_mask(weight: torch.Tensor, plan_: LayerPlan, config: PruneConfig, sq_mean: torch.Tensor | None) -> torch.Tensor:
     """The keep-mask of one layer (pure: weight and statistic in, mask out)."""
     if plan_.dead:
         return torch.zeros(weight.shape, dtype=torch.bool)
-    if config.method == "magnitude":
-        score = scores.magnitude_score(weight)
-    elif config.method == "wanda":
-        score = scores.wanda_score(weight, sq_mean)
-    else:
-        score = scores.multiflow_score(weight, sq_mean)
+    score = layer_score(config.method, weight, sq_mean)
     if config.structure.is_n_m:
         return masks.n_m_mask(score, config.structure.n, config.structure.m)
     if config.group == "row":
@@ -230,7 +262,7 @@ def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats
     inventory = layers_mod.from_module(model, rules)
     if method != "magnitude":
         check_stats(stats or {}, inventory, Path("stats"))
-    plans, dist = plan(config, inventory, progress=False)
+    plans, dist = plan(config, inventory, progress=False, stats=stats)
     with torch.no_grad():
         for p in plans:
             weight = p.layer.handle
@@ -259,7 +291,7 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
         stats, stats_meta = load_stats(config.stats)
         check_stats(stats, inventory, config.stats)
     started = time.perf_counter()
-    plans, dist = plan(config, inventory, progress)
+    plans, dist = plan(config, inventory, progress, stats)
     planned = time.perf_counter()
     by_key = {(p.layer.handle.file, p.layer.handle.key): p for p in plans}
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,87 @@
+"""Allocation variants from the scores: `scores` (normalised-score threshold) and `owl`, against references."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import multiflow
+from multiflow import allocation, scores
+from multiflow.errors import MultiflowError
+from multiflow.layers import from_module
+from multiflow.stats_file import LayerStats
+
+
+@pytest.fixture(scope="module")
+def model_and_stats():
+    from conftest import tiny_llava
+
+    model = tiny_llava(seed=4)
+    g = torch.Generator().manual_seed(9)
+    names = [layer.name for layer in from_module(model).layers]
+    # outlier features: a few input channels with large activations, as pretrained networks have
+    stats = {}
+    for n in names:
+        sq = torch.rand(model.get_submodule(n).in_features, generator=g) + 0.01
+        sq[torch.randint(0, sq.numel(), (2,), generator=g)] *= 400
+        stats[n] = LayerStats(sq, 11)
+    return model, stats
+
+
+@pytest.mark.parametrize("method", ["multiflow", "wanda", "magnitude"])
+@pytest.mark.parametrize("target", [0.3, 0.75])
+def test_score_counts_equal_kthvalue_over_the_normalised_concatenation(model_and_stats, method, target):
+    model, stats = model_and_stats
+    inventory = from_module(model)
+
+    def score(layer, weight):
+        sq = stats[layer.name].sq_mean
+        return {"multiflow": lambda: scores.multiflow_score(weight, sq), "wanda": lambda: scores.wanda_score(weight, sq),
+                "magnitude": lambda: scores.magnitude_score(weight)}[method]()
+
+    got = allocation.score_counts(inventory, score, target)
+    for modality, layers in inventory.by_modality().items():
+        if not layers:
+            continue
+        normed = {l.name: score(l, l.handle.detach()) / score(l, l.handle.detach()).mean() for l in layers}
+        flat = torch.cat([v.reshape(-1) for v in normed.values()])
+        tau = torch.kthvalue(flat, math.floor(flat.numel() * target)).values
+        for name, v in normed.items():
+            assert got[name] == int((v <= tau).sum()), name
+        assert len({got[l.name] / l.numel for l in layers}) > 1  # not uniform
+
+
+def test_owl_keep_ratios_by_hand():
+    # shares 0, .1, .2 -> rescaled to [0, 2 x 0.08] = 0, .08, .16; size-weighted mean (0 + .08 + 2 x .16) / 4 = .1;
+    # keep = x - .1 + (1 - .5) = .4, .48, .56 (kept weights: .4 + .48 + 2 x .56 = 2.0 = half of 4)
+    keep = allocation.owl_keep_ratios([0.0, 0.1, 0.2], [1, 1, 2], 0.5)
+    assert keep == pytest.approx([0.4, 0.48, 0.56], abs=1e-12)
+    assert allocation.owl_keep_ratios([0.3, 0.3], [5, 7], 0.6) == pytest.approx([0.4, 0.4])  # no spread: uniform
+    assert allocation.outlier_share(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 100.0])) == 0.1
+
+
+@pytest.mark.parametrize("alloc", ["scores", "owl"])
+def test_prune_module_with_score_allocations(model_and_stats, alloc):
+    model, stats = model_and_stats
+    pruned = copy.deepcopy(model)
+    report = multiflow.prune_module(pruned, 0.6, stats=stats, method="wanda", allocation=alloc)
+    targets = {info["target_sparsity"] for info in report["layers"].values()}
+    assert len(targets) > 1 and report["allocation"] == alloc
+    for modality, total in report["modalities"].items():
+        if total["params"]:
+            # scores: exactly floor(n x s) per modality (one threshold); owl: per-layer floors, within a layer count
+            slack = 0 if alloc == "scores" else len(report["layers"])
+            assert math.floor(total["params"] * 0.6) - slack <= total["pruned"] <= math.floor(total["params"] * 0.6)
+    for name, info in report["layers"].items():
+        assert int((pruned.get_submodule(name).weight == 0).sum()) >= info["pruned"]
+
+
+def test_score_allocations_need_statistics_and_refuse_sequential(model_and_stats, demo, jsonl, tmp_path):
+    model, _ = model_and_stats
+    with pytest.raises(MultiflowError, match="statistics"):
+        multiflow.prune_module(copy.deepcopy(model), 0.5, method="wanda", allocation="owl")
+    folder, _, _ = demo
+    with pytest.raises(MultiflowError, match="--sequential"):
+        multiflow.run(folder, tmp_path / "o", 0.5, data=jsonl, nsamples=2, allocation="scores", sequential=True)
+    assert not (tmp_path / "o").exists()
