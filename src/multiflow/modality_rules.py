@@ -258,7 +258,7 @@ FAMILIES: tuple[Family, ...] = (
         naming="transformers",
         model_types=("vision-text-dual-encoder",),
         architectures=("VisionTextDualEncoderModel",),
-        aligned_layers=r"^text_model\.",
+        aligned_layers=r"^text_model\.encoder\.",  # the pooler reads the [CLS] state only: no token positions
     ),
 )
 
