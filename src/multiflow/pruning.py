@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from multiflow import layers as layers_mod
 from multiflow import masks, scores
-from multiflow.checkpoint import TensorEntry, list_tensors, read_tensors
+from multiflow.checkpoint import list_tensors, read_tensors
 from multiflow.distribution import Distribution, check_target, distribute, write_atomic
 from multiflow.errors import MultiflowError
 from multiflow.layers import Inventory, Layer
