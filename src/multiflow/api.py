@@ -116,7 +116,7 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     import time
 
     from multiflow.errors import MultiflowError
-    from multiflow.pruning import masker_for
+    from multiflow.pruning import masker_from_plans, plan
     from multiflow.pruning import prune as _prune
 
     prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
@@ -129,8 +129,9 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         stats_path = Path(scratch) / "stats.safetensors"
         config = _prune_config(model, output, target_sparsity, stats=stats_path, **prune_args)
         started = time.perf_counter()
-        masker = masker_for(config, inventory(model, rules), progress) if sequential else None  # prune's plan
-        planned = time.perf_counter()
+        planned = plan(config, inventory(model, rules), progress) if sequential else None  # Step 1, once
+        masker = masker_from_plans(config, planned[0]) if sequential else None
+        plan_done = time.perf_counter()
         _, meta = calibrate(model, stats_path, data=data, nsamples=nsamples, seed=seed, batch_size=batch_size,
                             dtype=dtype, device=device, include_answers=include_answers,
                             split_token_types=split_token_types, rules=rules, vision_tower=vision_tower,
@@ -138,9 +139,9 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
                             samples_per_pass=samples_per_pass, device_map=device_map, progress=progress,
                             masker=masker)
         calibrated = time.perf_counter()
-        report = _prune(config, progress, meta)
-        report["timings"] = {**({"sequential_plan_seconds": round(planned - started, 3)} if sequential else {}),
-                             "calibrate_seconds": round(calibrated - planned, 3), **report["timings"]}
+        report = _prune(config, progress, meta, planned)
+        report["timings"] = {**({"sequential_plan_seconds": round(plan_done - started, 3)} if sequential else {}),
+                             "calibrate_seconds": round(calibrated - plan_done, 3), **report["timings"]}
         return _save_report(output, report)
 
 

@@ -128,8 +128,9 @@ def load_model(
                 **extra)
     except (OSError, ValueError) as exc:
         raise MultiflowError(f"cannot load the model from {folder}: {exc}") from exc
-    weights = _lazy_source(folder, inventory, model) if lazy else None
+    weights = None
     if lazy:
+        weights = _lazy_source(folder, inventory, model)
         _move_buffers(model, target)
     elif device_map:
         target = next(p.device for p in model.parameters())
@@ -247,8 +248,7 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
         grow = len(tokenizer) - vocab
         for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
             if key in entries:
-                old = read_tensor(entries.pop(key))
-                old = old.float()
+                old = read_tensor(entries.pop(key)).float()
                 computed[key] = torch.cat([old, old.mean(0, keepdim=True).expand(grow, -1)])
         text.vocab_size = len(tokenizer)
     strategy = "full" if config.get("mm_vision_select_feature") == "cls_patch" else "default"

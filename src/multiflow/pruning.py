@@ -231,7 +231,11 @@ def masker_for(config: PruneConfig, inventory: Inventory, progress: bool = False
     """`(layer name, weight, sq_mean) -> keep mask` by this config's plan, for sequential calibration
     (blocks pruned in memory as it goes; the checkpoint is written by `prune` from the same statistics,
     which gives the same masks when the calibration dtype holds the checkpoint's values exactly)."""
-    plans, _ = plan(config, inventory, progress)
+    return masker_from_plans(config, plan(config, inventory, progress)[0])
+
+
+def masker_from_plans(config: PruneConfig, plans: list[LayerPlan]):
+    """`masker_for` with the plan already made (`run --sequential` hands the same plan to `prune`)."""
     by_name = {p.layer.name: p for p in plans}
 
     def masker(name: str, weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor | None:
@@ -276,8 +280,11 @@ def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats
     return report
 
 
-def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Step 3: write the pruned checkpoint folder; return the report (also saved as multiflow_report.json)."""
+def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any] | None = None,
+          planned: tuple[list[LayerPlan], Distribution | None] | None = None) -> dict[str, Any]:
+    """Step 3: write the pruned checkpoint folder; return the report (also saved as multiflow_report.json).
+
+    `planned`: `plan(config, ...)`'s result when the caller already made it (sequential calibration)."""
     output = Path(config.output)
     if output.resolve() == Path(config.model).resolve():
         raise MultiflowError(f"--output {output} is the input model folder; write the pruned copy elsewhere")
@@ -291,16 +298,16 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
         stats, stats_meta = load_stats(config.stats)
         check_stats(stats, inventory, config.stats)
     started = time.perf_counter()
-    plans, dist = plan(config, inventory, progress, stats)
-    planned = time.perf_counter()
+    plans, dist = planned if planned is not None else plan(config, inventory, progress, stats)
+    planned_at = time.perf_counter()
     by_key = {(p.layer.handle.file, p.layer.handle.key): p for p in plans}
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         digest = _write_pruned(Path(config.model), tmp, by_key, config, stats, progress)
         report = _report(config, inventory, plans, dist, stats_meta if calibration is None else calibration, digest)
-        report["timings"] = {"distribute_seconds": round(planned - started, 3),
-                             "prune_seconds": round(time.perf_counter() - planned, 3)}
+        report["timings"] = {"distribute_seconds": round(planned_at - started, 3),
+                             "prune_seconds": round(time.perf_counter() - planned_at, 3)}
         if dist is not None:
             from multiflow.plots import plot_distribution
 
