@@ -92,7 +92,7 @@ def main() -> None:
                 for answers in (False, True):
                     stats = tmp / "abl.safetensors"
                     multiflow.calibrate(args.model, stats, data=calib, nsamples=n, seed=0, batch_size=16,
-                                        include_answers=answers)
+                                        include_answers=answers, overwrite=True)
                     for s in (0.63, 0.75):
                         out = tmp / "pruned"
                         multiflow.prune(args.model, out, s, stats=stats, method="multiflow", overwrite=True)

@@ -278,10 +278,10 @@ def test_empty_dataset_is_an_error(tmp_path):
     folder = tmp_path / "empty"
     datasets.Dataset.from_dict({"image": [], "question": []}, features=datasets.Features(
         {"image": datasets.Image(), "question": datasets.Value("string")})).save_to_disk(folder)
-    with pytest.raises(MultiflowError, match=r"no calibration sample in .*empty: it holds no record"):
+    with pytest.raises(MultiflowError, match=r"no sample in --data .*empty: it holds no record"):
         load_samples(folder)
     (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(MultiflowError, match=r"no calibration sample in .*empty\.json: it holds no record"):
+    with pytest.raises(MultiflowError, match=r"no sample in --data .*empty\.json: it holds no record"):
         load_samples(tmp_path / "empty.json")
     (tmp_path / "text-only.jsonl").write_text('{"question": "q?"}\n{"question": "r?"}\n')
     with pytest.raises(MultiflowError, match=r"text-only\.jsonl: none of its 2 records has an image"):
@@ -436,7 +436,7 @@ def test_no_usable_sample_is_an_error(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"image": "nothere.png", "question": "a"},
                                                  {"image": "corrupt.jpg", "question": "b"},
                                                  {"image": "alsogone.png", "question": "c"}]))
-    with pytest.raises(MultiflowError, match=r"no usable calibration sample in .*d\.json: 3 skipped "
+    with pytest.raises(MultiflowError, match=r"no usable sample in --data .*d\.json: 3 skipped "
                                              r"\(2 missing file, 1 unreadable image\)"):
         load_samples(tmp_path / "d.json", nsamples=2)
 
@@ -448,7 +448,7 @@ def test_nsamples_below_one_is_an_error(nsamples):
 
 
 def test_unknown_inputs_name_the_path_and_the_formats(tmp_path):
-    with pytest.raises(MultiflowError, match=r"calibration data .*nowhere\.json not found; accepted: a \.json"):
+    with pytest.raises(MultiflowError, match=r"--data .*nowhere\.json not found; accepted: a \.json"):
         load_samples(tmp_path / "nowhere.json")
     (tmp_path / "data.csv").write_text("image,question\n")
     with pytest.raises(MultiflowError, match=r"data\.csv: unknown format '\.csv'; accepted: "):

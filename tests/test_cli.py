@@ -165,7 +165,8 @@ def test_original_layout_vision_tower_flag(llava, tmp_path, capsys, caplog):
                         "--output", str(tmp_path), "--no-plot"], capsys)
     assert code == 0 and "VISION TOWER MISSING" in caplog.text and "VISION TOWER MISSING" in out
     code, out, _ = run(["distribute", "--model", str(folders["original"]), "--vision-tower", str(folders["clip"]),
-                        "--target-sparsity", "0.5", "--output", str(tmp_path), "--no-plot"], capsys)
+                        "--target-sparsity", "0.5", "--output", str(tmp_path), "--no-plot", "--overwrite"], capsys)
+    assert code == 0
     data = json.loads((tmp_path / "sparsity_distribution_0.5.json").read_text())
     assert data["meta"]["naming"] == "llava-original" and data["modality_stats"]["vision"]["num_layers"] == 12
 

@@ -11,6 +11,8 @@ from torch import nn
 from multiflow import layers
 from multiflow.distribution import Distribution, distribute
 from multiflow.modality_rules import ModalityRules
+from multiflow.outputs import given
+from multiflow.text_data import DEFAULT_SEQ_LEN
 
 
 def inventory(
@@ -58,40 +60,47 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
               nsamples: int = 128, seed: int = 0, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
               include_answers: bool = False, split_token_types: bool = False, rules=None, vision_tower=None,
               allow_pickle: bool = False, trust_remote_code: bool = False, whole_model: bool = False,
-              samples_per_pass: int | None = None, device_map: str | None = None, progress: bool = False, masker=None):
+              samples_per_pass: int | None = None, device_map: str | None = None, progress: bool = False, masker=None,
+              overwrite: bool = False, seq_len: int = DEFAULT_SEQ_LEN, pruner=None):
     """Step 2: write the activation statistics of every prunable layer to `output`; returns (stats, metadata).
 
-    Block by block unless `whole_model`: one block's weights in memory at a time.
+    Block by block unless `whole_model`: one block's weights in memory at a time. An existing
+    `output` is replaced only with `overwrite`. A plain language model is calibrated on `nsamples`
+    windows of `seq_len` tokens of the text `data` (`text_data`).
     """
     from multiflow.calibration import CalibrationConfig
     from multiflow.calibration import calibrate as _calibrate
 
     return _calibrate(CalibrationConfig(
-        model=Path(model), output=Path(output), data=None if data is None else Path(data), nsamples=nsamples,
+        model=Path(model), output=given(output), data=None if data is None else Path(data), nsamples=nsamples,
         seed=seed, batch_size=batch_size, dtype=dtype, device=device, include_answers=include_answers,
         split_token_types=split_token_types, rules=None if rules is None else Path(rules),
         vision_tower=None if vision_tower is None else Path(vision_tower), allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, whole_model=whole_model, samples_per_pass=samples_per_pass,
-        device_map=device_map), progress, masker)
+        device_map=device_map, overwrite=overwrite, seq_len=seq_len), progress, masker, pruner)
 
 
 def _prune_config(model, output, target_sparsity, distribution=None, stats=None, method: str = "multiflow",
                   allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
-                  dead_layers: str = "keep", rules=None, overwrite: bool = False):
+                  dead_layers: str = "keep", rules=None, overwrite: bool = False, update: str = "none",
+                  blocksize: int = 128, percdamp: float = 0.01):
     from multiflow.pruning import PruneConfig, Structure
 
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
     return PruneConfig(
-        model=Path(model), output=Path(output), target_sparsity=target_sparsity,
+        model=Path(model), output=given(output), target_sparsity=target_sparsity,
         distribution=as_path(distribution), stats=as_path(stats), method=method, allocation=allocation, group=group,
-        structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite)
+        structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite,
+        update=update, blocksize=blocksize, percdamp=percdamp)
 
 
 def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *,
           distribution=None, stats=None, method: str = "multiflow", allocation: str = "modality",
           group: str = "layer", structure: str = "unstructured", dead_layers: str = "keep", rules=None,
           overwrite: bool = False, progress: bool = False, calibration: dict | None = None) -> dict:
-    """Step 3: write the pruned checkpoint folder `output`; returns the report (multiflow_report.json)."""
+    """Step 3: write the pruned checkpoint folder `output`; returns the report (multiflow_report.json).
+
+    `output` must be new, empty, or (with `overwrite`) a previous multiflow output: never another folder."""
     from multiflow.pruning import prune as _prune
 
     return _prune(_prune_config(model, output, target_sparsity, distribution, stats, method, allocation, group,
@@ -104,45 +113,74 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
         dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
         vision_tower=None, whole_model: bool = False, samples_per_pass: int | None = None, device_map: str | None = None,
-        sequential: bool = False, progress: bool = False) -> dict:
+        sequential: bool = False, seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False, update: str = "none",
+        blocksize: int = 128, percdamp: float = 0.01) -> dict:
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
 
     `sequential`: each block is calibrated on the outputs of the already-pruned blocks before it
     (Step 1 runs first to fix every layer's count). `vision_tower` (original-layout LLaVA) serves
     calibration only: the pruned copy holds the checkpoint folder's own weights. The report's
     "timings" gives each stage's seconds (Step 1 = distribute, Step 2 = calibrate, Step 3 = prune).
+    `method="sparsegpt"` is always sequential: each block's layers are pruned and their weights updated
+    from their inputs' Hessians as calibration reaches them (`reconstruction`). `update="obs"` does the
+    same with the `method`'s score as the selection criterion (`blocksize`, `percdamp`: the update's).
+    With either and `allocation` scores or owl, one dense statistics pass plans every layer's count
+    first (from the method's scores; wanda's for sparsegpt), then the sequential pass prunes.
     """
     import tempfile
     import time
 
     from multiflow.errors import MultiflowError
-    from multiflow.pruning import masker_from_plans, plan
+    from multiflow.outputs import FolderOutput
+    from multiflow.pruning import SCORE_ALLOCATIONS, check_stats, masker_from_plans, plan
     from multiflow.pruning import prune as _prune
+    from multiflow.reconstruction import SparseGPTStep
+    from multiflow.scores import NO_STATISTICS
+    from multiflow.stats_file import load_stats
 
+    reconstructs = method == "sparsegpt" or update == "obs"
+    sequential = sequential or reconstructs
     prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
                       dead_layers=dead_layers, rules=rules, overwrite=overwrite)
-    if method == "magnitude":
+    update_args = dict(update=update, blocksize=blocksize, percdamp=percdamp)
+    if method == "magnitude" and not reconstructs:
+        _prune_config(model, output, target_sparsity, **prune_args, **update_args)  # validates update's flags too
         if sequential:
             raise MultiflowError("--sequential changes the statistics the scores use; --method magnitude uses none")
         return prune(model, output, target_sparsity, progress=progress, **prune_args)
+    if reconstructs and whole_model:
+        raise MultiflowError(f"{'--method sparsegpt' if method == 'sparsegpt' else '--update obs'} prunes block by "
+                             "block as calibration reaches each block: drop --whole-model")
+    # checked before the long calibration pass (prune checks again, and at the end before replacing anything)
+    FolderOutput(output, {"the input model folder": model, "the --vision-tower folder": vision_tower,
+                          "the --data input": data, "the --rules file": rules}, overwrite)
     with tempfile.TemporaryDirectory(prefix="multiflow-run-") as scratch:
         stats_path = Path(scratch) / "stats.safetensors"
-        config = _prune_config(model, output, target_sparsity, stats=stats_path, **prune_args)
+        config = _prune_config(model, output, target_sparsity, stats=stats_path, **prune_args, **update_args)
+        calibration_args = dict(data=data, nsamples=nsamples, seed=seed, batch_size=batch_size, dtype=dtype,
+                                device=device, include_answers=include_answers, split_token_types=split_token_types,
+                                rules=rules, vision_tower=vision_tower, trust_remote_code=trust_remote_code,
+                                whole_model=whole_model, samples_per_pass=samples_per_pass, device_map=device_map,
+                                progress=progress, seq_len=seq_len)
         started = time.perf_counter()
-        planned = plan(config, inventory(model, rules), progress) if sequential else None  # Step 1, once
-        masker = masker_from_plans(config, planned[0]) if sequential else None
+        inv, dense_stats, timings = inventory(model, rules), None, {}
+        if reconstructs and config.allocation in SCORE_ALLOCATIONS and not config.structure.is_n_m \
+                and config.allocation_score not in NO_STATISTICS:  # the plan needs every layer's scores first
+            dense_path = Path(scratch) / "dense-stats.safetensors"
+            calibrate(model, dense_path, **calibration_args)  # the dense statistics of `multiflow calibrate`
+            dense_stats = load_stats(dense_path)[0]
+            check_stats(dense_stats, inv, dense_path)
+            timings["allocation_calibrate_seconds"] = round(time.perf_counter() - started, 3)
+        plan_started = time.perf_counter()
+        planned = plan(config, inv, progress, dense_stats) if sequential else None  # Step 1, once
+        masker = masker_from_plans(config, planned[0]) if sequential and not reconstructs else None
+        pruner = SparseGPTStep(config, planned[0], Path(scratch) / "sparsegpt") if reconstructs else None
         plan_done = time.perf_counter()
-        _, meta = calibrate(model, stats_path, data=data, nsamples=nsamples, seed=seed, batch_size=batch_size,
-                            dtype=dtype, device=device, include_answers=include_answers,
-                            split_token_types=split_token_types, rules=rules, vision_tower=vision_tower,
-                            trust_remote_code=trust_remote_code, whole_model=whole_model,
-                            samples_per_pass=samples_per_pass, device_map=device_map, progress=progress,
-                            masker=masker)
+        _, meta = calibrate(model, stats_path, **calibration_args, masker=masker, pruner=pruner)
         calibrated = time.perf_counter()
-        report = _prune(config, progress, meta, planned)
-        report["timings"] = {**({"sequential_plan_seconds": round(plan_done - started, 3)} if sequential else {}),
-                             "calibrate_seconds": round(calibrated - plan_done, 3), **report["timings"]}
-        return _save_report(output, report)
+        timings.update({**({"sequential_plan_seconds": round(plan_done - plan_started, 3)} if sequential else {}),
+                        "calibrate_seconds": round(calibrated - plan_done, 3)})
+        return _prune(config, progress, meta, planned, timings, updated=pruner and pruner.updated)
 
 
 def prune_module(model: nn.Module, target_sparsity: float | None = None, *, stats=None, method: str = "multiflow",
@@ -157,12 +195,3 @@ def prune_module(model: nn.Module, target_sparsity: float | None = None, *, stat
 
     return _prune_module(model, target_sparsity, stats=stats, method=method, allocation=allocation, group=group,
                          structure=structure, dead_layers=dead_layers, rules=rules)
-
-
-def _save_report(output, report: dict) -> dict:
-    import json
-
-    from multiflow.distribution import write_atomic
-
-    write_atomic(Path(output) / "multiflow_report.json", json.dumps(report, indent=2) + "\n")
-    return report

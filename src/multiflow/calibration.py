@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from multiflow import layers
 from multiflow.block_runner import image_positions, run_blocks
 from multiflow.calibration_data import Sample, load_samples
+from multiflow.text_data import DEFAULT_SEQ_LEN, TextWindow, check_seq_len, encode_windows, load_tokenizer, load_windows
 from multiflow.errors import MultiflowError
 from multiflow.model_loading import load_model
 from multiflow.statistics import collect_statistics
@@ -56,6 +58,8 @@ class CalibrationConfig:
     whole_model: bool = False  # load every weight at once instead of one block at a time
     samples_per_pass: int | None = None  # block by block: samples in flight per pass (default 64; sequential: all)
     device_map: str | None = None  # whole model spread over devices by accelerate ("auto")
+    seq_len: int = DEFAULT_SEQ_LEN  # a plain language model: tokens per calibration window (text_data)
+    overwrite: bool = False  # replace an existing output file
 
     def __post_init__(self) -> None:
         if self.nsamples < 1:
@@ -64,6 +68,7 @@ class CalibrationConfig:
             raise MultiflowError(f"--batch-size {self.batch_size}: give at least 1")
         if self.samples_per_pass is not None and self.samples_per_pass < 1:
             raise MultiflowError(f"--samples-per-pass {self.samples_per_pass}: give at least 1")
+        check_seq_len(self.seq_len)
         if self.device_map is not None and not self.whole_model:
             raise MultiflowError("--device-map spreads the whole model over devices: add --whole-model (block by "
                                  "block, --device alone holds one block at a time)")
@@ -86,20 +91,32 @@ def build_prompt(processor: Any, question: str, answer: str | None) -> str:
 Masker = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
-def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker | None = None,
+def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker | None = None, pruner=None,
               ) -> tuple[dict[str, LayerStats], dict[str, Any]]:
     """Run the calibration pass; write config.output atomically; return (stats, metadata).
 
     `masker` makes the pass sequential (block by block only): each block is pruned in memory
     with it as soon as every batch has run the block, and later blocks see the pruned outputs.
+    `pruner` does the same with its own hooks (SparseGPT: `reconstruction.SparseGPTStep`):
+    `pruner.attach(loaded, collector, names)` is a context manager that yields the on_block.
     """
     from multiflow import __version__
 
-    if masker is not None and config.whole_model:
-        raise MultiflowError("--sequential runs block by block: drop --whole-model")
+    sequential = masker is not None or pruner is not None
+    if sequential and config.whole_model:
+        raise MultiflowError("--sequential (and --method sparsegpt) run block by block: drop --whole-model")
     started = time.perf_counter()
     inventory = layers.from_checkpoint(config.model, config.rules, config.vision_tower, config.allow_pickle)
-    samples, report = load_samples(config.data, config.nsamples, config.seed)
+    _check_output(config)
+    text_only = inventory.family is not None and inventory.family.text_only
+    if text_only:  # a plain causal LM: windows of tokens, no images, no prompts
+        if config.include_answers:
+            raise MultiflowError("--include-answers applies to image-question data; a plain language model is "
+                                 "calibrated on windows of text: drop it")
+        samples, report = load_windows(config.data, load_tokenizer(config.model, config.trust_remote_code),
+                                       config.seq_len, config.nsamples, config.seed, model_config=inventory.config)
+    else:
+        samples, report = load_samples(config.data, config.nsamples, config.seed)
     loaded = load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code,
                         config.allow_pickle, config.vision_tower, lazy=not config.whole_model,
                         device_map=config.device_map)
@@ -111,18 +128,21 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
     names = [to_model[layer.name] for layer in inventory.layers]
     aligned = _aligned_pattern(family, loaded)
     batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
-    with collect_statistics(loaded.model, names, aligned, config.split_token_types) as collector:
+    with collect_statistics(loaded.model, names, aligned, config.split_token_types) as collector, \
+            contextlib.ExitStack() as attached:
         if config.whole_model:
             _whole_model(loaded, batches, collector, config, progress)
             execution = "whole model"
         else:
             encoded = [_encode(loaded.processor, b, config.include_answers).to(loaded.device) for b in batches]
             on_block = None if masker is None else _pruning_step(loaded, collector, set(names), masker)
-            per_pass = config.samples_per_pass or (len(samples) if masker else DEFAULT_SAMPLES_PER_PASS)
+            if pruner is not None:
+                on_block = attached.enter_context(pruner.attach(loaded, collector, names))
+            per_pass = config.samples_per_pass or (len(samples) if sequential else DEFAULT_SAMPLES_PER_PASS)
             run = run_blocks(loaded, [dict(e) for e in encoded], collector, names, on_block,
                              max(1, per_pass // config.batch_size), progress)
             execution = (f"block by block ({run['blocks']} blocks, {run['passes']} pass"
-                         f"{'es' if run['passes'] > 1 else ''}{', sequential' if masker else ''})")
+                         f"{'es' if run['passes'] > 1 else ''}{', sequential' if sequential else ''})")
     stats = {loaded.to_inventory_name[name]: st for name, st in from_collector(collector).items()}
     silent = [n for n, st in stats.items() if not st.tokens]
     if silent:
@@ -138,19 +158,30 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
         "nsamples_requested": config.nsamples,
         "seed": config.seed,
         "batch_size": config.batch_size,
-        "prompt": "with answers" if config.include_answers else "ends at the answer slot",
+        "prompt": (f"text windows of {config.seq_len} tokens" if text_only else
+                   "with answers" if config.include_answers else "ends at the answer slot"),
+        **({"seq_len": config.seq_len} if text_only else {}),
         "dtype": config.dtype,
         "device": str(loaded.device),
         "split_token_types": config.split_token_types,
         "skipped_samples": len(report.skipped),
         "execution": execution,
-        "sequential": masker is not None,
+        "sequential": sequential,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if loaded.device.type == "cuda":
         meta["peak_device_memory_gib"] = round(torch.cuda.max_memory_allocated(loaded.device) / 2**30, 3)
+    _check_output(config)  # again: a file may have appeared there during the pass
     save_stats(config.output, stats, meta)
     return stats, meta
+
+
+def _check_output(config: CalibrationConfig) -> None:
+    from multiflow.outputs import check_file_output
+
+    check_file_output(config.output, {"the input model folder": config.model, "the --vision-tower folder":
+                                      config.vision_tower, "the --data input": config.data,
+                                      "the --rules file": config.rules}, config.overwrite, example="stats.safetensors")
 
 
 def _whole_model(loaded, batches: list[list[Sample]], collector, config: CalibrationConfig, progress: bool) -> None:
@@ -190,6 +221,8 @@ def _aligned_pattern(family, loaded) -> str | None:
     return family.aligned_layers if family else None
 
 
-def _encode(processor: Any, batch: list[Sample], include_answers: bool):
+def _encode(processor: Any, batch: list[Sample] | list[TextWindow], include_answers: bool):
+    if batch and isinstance(batch[0], TextWindow):
+        return encode_windows(batch)
     prompts = [build_prompt(processor, s.question, s.answer if include_answers else None) for s in batch]
     return processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True)

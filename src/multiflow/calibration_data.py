@@ -23,6 +23,18 @@ they are when within 0..255, else are stretched from their min..max to 0..255; e
 images and images with a side under 2 pixels are skipped, listed in the report and named in one
 warning.
 
+Bounded memory: an image is never kept at full resolution. Its longest side is brought to at most
+`MAX_SIDE` = 2048 px as soon as it is decoded (about twice the largest side any supported processor
+uses: LLaVA-1.5 336, BLIP 384, LLaVA-NeXT grids up to 1008; Qwen2-VL then sees at most 4.2 megapixels),
+so a kept sample costs at most 12 MB. JPEG is decoded directly at 1/2, 1/4 or 1/8 scale (PIL's
+`draft`); every format is then reduced by an integer factor (box average, `Image.reduce`) strip by
+strip, each strip converted to RGB as above, so no full-resolution copy is made besides the decoded
+image itself. PIL decodes PNG and the other formats whole: such an image costs up to 4 bytes a pixel
+while it is reduced (one image at a time), within PIL's decompression-bomb limits, which stay
+(`PIL.Image.MAX_IMAGE_PIXELS`: above twice it the image is skipped as too large; between once and
+twice, PIL's warning is logged in one line naming the sample). Images whose short side would fall
+under 2 px once reduced (aspect ratio over 1024:1) are skipped as degenerate.
+
 Sample sources: `data.jsonl:12` (line 12), `data.json[3]` (record 3, from 0), `<folder>[5]` or
 `<file>.parquet[5]` (row 5, from 0), `#q1` for the question of index 1 of a list column,
 `bundled:coffee#q0`.
@@ -35,6 +47,7 @@ import json
 import logging
 import os
 import random
+import warnings
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +67,8 @@ ACCEPTED = ("accepted: a .json (list of records) or .jsonl file with {image, que
 EXPECTED_COLUMNS = ("an image column ('image' or a datasets.Image feature) with 'question' [+ 'answer'], "
                     "'questions' [+ 'answers'] list columns, or LLaVA 'conversations'")
 MIN_SIDE = 2
+MAX_SIDE = 2048  # longest side of a kept image (module docstring: bounded memory)
+_STRIP_PIXELS = 1 << 22  # source pixels converted to RGB at once while reducing a large image
 _NAMED_IN_WARNING = 5
 _HUMAN = ("human", "user")
 _ASSISTANT = ("gpt", "assistant")
@@ -118,7 +133,7 @@ def load_samples(
         raise MultiflowError(f"nsamples {nsamples}: ask for at least 1 calibration sample")
     opened = _open(data, None if image_folder is None else Path(image_folder))
     if not opened.candidates:
-        raise MultiflowError(f"no calibration sample in {opened.source}: {_why_empty(opened)}")
+        raise MultiflowError(f"no sample in --data {opened.source}: {_why_empty(opened)}")
     order = list(range(len(opened.candidates)))
     random.Random(seed).shuffle(order)
     samples, skipped = _take(opened, order, nsamples)
@@ -126,7 +141,7 @@ def load_samples(
     report = DataReport(opened.source, opened.kind, len(opened.candidates), len(samples), skipped, nsamples,
                         opened.without_image)
     if not samples:
-        raise MultiflowError(f"no usable calibration sample in {opened.source}: {len(skipped)} skipped "
+        raise MultiflowError(f"no usable sample in --data {opened.source}: {len(skipped)} skipped "
                              f"({_reason_counts(skipped)}); first: {skipped[0][0]} ({skipped[0][1]})")
     _log_outcome(report)
     return samples, report
@@ -138,9 +153,36 @@ def describe_bundled() -> str:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy of `image` (conversions as in the module docstring)."""
+    """An RGB copy of `image` (conversions as in the module docstring), at full resolution."""
+    return _to_rgb(image, _gray_span(image))
+
+
+def reduced_rgb(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
+    """An RGB copy of `image` with its longest side at most `max_side`, made without a full-size copy.
+
+    The side is divided by the smallest integer factor that fits (box average, `Image.reduce`), one
+    strip of rows at a time: each strip is converted as `to_rgb` converts the whole image, so the
+    result equals `to_rgb(image).reduce(factor)` exactly.
+    """
+    width, height = image.size
+    factor = -(-max(width, height) // max_side)
+    span = _gray_span(image)
+    if factor == 1:
+        return _to_rgb(image, span)
+    if -(-min(width, height) // factor) < MIN_SIDE:
+        raise _Unusable(f"degenerate image: {width}x{height} px (a side under {MIN_SIDE} px once the longest "
+                        f"is reduced to {max_side} px)")
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, _STRIP_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        strip = _to_rgb(image.crop((0, top, width, min(height, top + rows))), span)
+        out.paste(strip.reduce(factor), (0, top // factor))
+    return out
+
+
+def _to_rgb(image: Image.Image, span: tuple[float, float] | None) -> Image.Image:
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        return _wide_gray_to_rgb(image)
+        return _wide_gray_to_rgb(image, span)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -148,16 +190,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+def _gray_span(image: Image.Image) -> tuple[float, float] | None:
+    """(min, max) of a 32-bit integer or float grayscale image out of 0..255 (non-finite values
+    counted as 0), which `_wide_gray_to_rgb` stretches to 0..255; None when it keeps the values."""
+    if image.mode not in ("I", "F"):
+        return None
+    import numpy as np
+
+    width, height = image.size
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    low, high = 0.0, 0.0
+    for top in range(0, height, rows):  # in strips: no float64 copy of the whole image
+        values = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.float64)
+        values = np.where(np.isfinite(values), values, 0.0)
+        if values.size:
+            low, high = (float(values.min()), float(values.max())) if top == 0 else (
+                min(low, float(values.min())), max(high, float(values.max())))
+    return (low, high) if low < 0 or high > 255 else None
+
+
+def _wide_gray_to_rgb(image: Image.Image, span: tuple[float, float] | None) -> Image.Image:
     import numpy as np
 
     values = np.asarray(image, dtype=np.float64)
     values = np.where(np.isfinite(values), values, 0.0)
     if image.mode.startswith("I;16"):
         values = values / 257.0
-    elif values.size and (values.min() < 0 or values.max() > 255):
-        low, high = float(values.min()), float(values.max())
-        values = (values - low) * (255.0 / (high - low))
+    elif span is not None:
+        low, high = span
+        values = (values - low) * (255.0 / (high - low) if high > low else 0.0)
     gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return Image.fromarray(gray, "L").convert("RGB")
 
@@ -174,10 +235,15 @@ def _take(opened: _Data, order: list[int], nsamples: int) -> tuple[list[Sample],
         position += len(chunk)
         for candidate, payload in zip(chunk, opened.fetch(chunk)):
             try:
-                image = _decode(payload)
+                with warnings.catch_warnings(record=True) as caught:  # PIL's, e.g. DecompressionBombWarning
+                    warnings.simplefilter("always")
+                    image = _decode(payload)
             except _Unusable as unusable:
                 skipped.append((candidate.source, str(unusable)))
                 continue
+            finally:
+                for warning in caught:
+                    log.warning("%s: %s: %s", candidate.source, warning.category.__name__, warning.message)
             samples.append(Sample(image, candidate.question, candidate.answer, candidate.source, candidate.kind))
     return samples, skipped
 
@@ -205,10 +271,14 @@ def _decode(payload: Any) -> Image.Image:
 def _open_image(file: Path | io.BytesIO) -> Image.Image:
     try:
         with Image.open(file) as image:
-            if min(image.size) < MIN_SIDE:
-                raise _Unusable(f"degenerate image: {image.size[0]}x{image.size[1]} px (a side under {MIN_SIDE})")
+            width, height = image.size
+            if min(width, height) < MIN_SIDE:
+                raise _Unusable(f"degenerate image: {width}x{height} px (a side under {MIN_SIDE})")
+            if max(width, height) > MAX_SIDE:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= what is kept
+                scale = MAX_SIDE / max(width, height)
+                image.draft(None, (max(MIN_SIDE, int(width * scale) + 1), max(MIN_SIDE, int(height * scale) + 1)))
             image.load()
-            return to_rgb(image)
+            return reduced_rgb(image)
     except _Unusable:
         raise
     except Image.DecompressionBombError as error:
@@ -221,7 +291,9 @@ def _checked_rgb(image: Image.Image) -> Image.Image:
     if min(image.size) < MIN_SIDE:
         raise _Unusable(f"degenerate image: {image.size[0]}x{image.size[1]} px (a side under {MIN_SIDE})")
     try:
-        return to_rgb(image)
+        return reduced_rgb(image)
+    except _Unusable:
+        raise
     except Exception as error:
         raise _Unusable(f"unreadable image: {type(error).__name__}: {error}") from None
 
@@ -259,7 +331,7 @@ def _open(data: str | os.PathLike | None, image_folder: Path | None) -> _Data:
     if data is None:
         return _open_bundled()
     if not str(data):
-        raise MultiflowError(f"calibration data '': empty path; {ACCEPTED}")
+        raise MultiflowError(f"--data '': empty path; {ACCEPTED}")
     path = Path(data)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -269,7 +341,7 @@ def _open(data: str | os.PathLike | None, image_folder: Path | None) -> _Data:
             return _open_jsonl(path, image_folder or path.parent)
         if suffix == ".parquet":
             return _open_parquet(str(path), [path], image_folder or path.parent)
-        raise MultiflowError(f"calibration data {path}: unknown format '{suffix}'; {ACCEPTED}")
+        raise MultiflowError(f"--data {path}: unknown format '{suffix}'; {ACCEPTED}")
     if path.is_dir():
         if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             return _open_hf_disk(path, image_folder or path)
@@ -279,9 +351,9 @@ def _open(data: str | os.PathLike | None, image_folder: Path | None) -> _Data:
             described = f"{path} ({len(chosen)} parquet file(s)" + (
                 f" of the train split, of {len(files)})" if len(chosen) < len(files) else ")")
             return _open_parquet(described, chosen, image_folder or path)
-        raise MultiflowError(f"calibration data {path}: no dataset in this folder (no datasets.save_to_disk "
+        raise MultiflowError(f"--data {path}: no dataset in this folder (no datasets.save_to_disk "
                              f"files, no .parquet file); {ACCEPTED}")
-    raise MultiflowError(f"calibration data {path} not found; {ACCEPTED}")
+    raise MultiflowError(f"--data {path} not found; {ACCEPTED}")
 
 
 def _open_bundled() -> _Data:
@@ -461,7 +533,7 @@ def _open_hf_disk(path: Path, base: Path) -> _Data:
     import datasets
 
     if _saved_without_data(path):  # datasets writes no data file for 0 rows, then cannot load it
-        raise MultiflowError(f"no calibration sample in {path}: it holds no record")
+        raise MultiflowError(f"no sample in --data {path}: it holds no record")
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as error:  # datasets raises FileNotFoundError, ValueError, pyarrow errors...
@@ -471,7 +543,7 @@ def _open_hf_disk(path: Path, base: Path) -> _Data:
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if not splits:
-            raise MultiflowError(f"no calibration sample in {path}: the DatasetDict has no split")
+            raise MultiflowError(f"no sample in --data {path}: the DatasetDict has no split")
         split = "train" if "train" in loaded else splits[0]
         loaded = loaded[split]
         source = f"{path} (split '{split}' of {', '.join(splits)})"

@@ -17,9 +17,12 @@ import functools
 import json
 import mmap
 import os
+import pickle
 import queue
+import re
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,14 +68,17 @@ class TensorEntry:
 
 def read_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
+    if folder.is_file() and folder.suffix.lower() == ".gguf":
+        raise MultiflowError(f"{folder} is a GGUF file: convert it once with 'multiflow convert-gguf {folder} "
+                             "--output DIR' and pass --model DIR")
     if not folder.is_dir():
         raise MultiflowError(f"model folder {folder} does not exist or is not a folder")
     path = folder / "config.json"
     if not path.is_file():
         raise MultiflowError(f"{folder} has no config.json: point --model at a checkpoint folder")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MultiflowError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise MultiflowError(f"{path} does not hold a JSON object")
@@ -96,12 +102,17 @@ def safetensors_header(path: Path) -> list[TensorEntry]:
     except OSError as exc:
         raise MultiflowError(f"cannot read {path}: {exc.strerror}") from exc
     data_start = 8 + length
+    if not isinstance(header, dict):
+        raise MultiflowError(f"{path} is corrupt: its safetensors header is not a JSON object")
     entries = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype_name, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if any(d < 0 for d in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError) as exc:
             raise MultiflowError(f"{path} is corrupt: bad header entry for {key!r}") from exc
         dtype = _SAFETENSORS_DTYPES.get(dtype_name, dtype_name)
@@ -114,7 +125,56 @@ def safetensors_header(path: Path) -> list[TensorEntry]:
                 f"{path} is truncated: {key!r} ends at byte {entry.end} but the file has {size} bytes"
             )
         entries.append(entry)
+    _check_layout(path, entries, data_start, size)
     return entries
+
+
+def _check_layout(path: Path, entries: list[TensorEntry], data_start: int, size: int) -> None:
+    """The tensors tile the data section exactly, as the safetensors library requires: no overlap
+    (two tensors sharing bytes), no hole, nothing outside it or after the last tensor."""
+    position, previous = data_start, None
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin < data_start or entry.end < entry.begin:
+            raise MultiflowError(f"{path} is corrupt: tensor {entry.key!r} has byte range "
+                                 f"{entry.begin - data_start}..{entry.end - data_start}, outside its data section")
+        if entry.begin < position:
+            raise MultiflowError(f"{path} is corrupt: tensor {entry.key!r} overlaps {previous!r} in the file "
+                                 "(they share bytes); re-save the checkpoint with safetensors")
+        if entry.begin > position:
+            raise MultiflowError(f"{path} is corrupt: {entry.begin - position} unused bytes before tensor "
+                                 f"{entry.key!r}; re-save the checkpoint with safetensors")
+        position, previous = entry.end, entry.key
+    if position != size:
+        raise MultiflowError(f"{path} is corrupt: {size - position} bytes after its last tensor; re-save the "
+                             "checkpoint with safetensors")
+
+
+def check_finite(tensor: torch.Tensor, key: str, file: Path | str) -> None:
+    """Refuse a floating-point tensor holding NaN or inf (other dtypes pass), naming it and its file.
+
+    One min/max reduction (NaN propagates through it): no temporary the size of the tensor."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta" or not tensor.numel():
+        return
+    low, high = torch.aminmax(tensor.reshape(-1))
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        raise MultiflowError(f"tensor {key!r} of {file} holds NaN or inf values; fix or re-download the "
+                             "checkpoint (a pruned copy or statistics from it would be wrong)")
+
+
+class PickledWeights(MultiflowError):
+    """A checkpoint folder with only pickled weights, refused because loading was not allowed."""
+
+    def __init__(self, folder: Path, file: Path):
+        self.folder, self.file = folder, file
+        super().__init__(f"{folder} holds only pickled weights ({file.name}); pickles can run code when loaded. "
+                         "Convert them to safetensors, or pass --allow-pickle to load them with "
+                         "torch.load(weights_only=True)")
+
+    def without_flag(self, command: str) -> MultiflowError:
+        """The refusal for a command that has no --allow-pickle."""
+        return MultiflowError(f"{self.folder} holds only pickled weights ({self.file.name}); multiflow {command} "
+                              "reads safetensors only: convert them first (transformers: save_pretrained(..., "
+                              "safe_serialization=True))")
 
 
 def list_tensors(folder: Path, allow_pickle: bool = False) -> list[TensorEntry]:
@@ -123,8 +183,8 @@ def list_tensors(folder: Path, allow_pickle: bool = False) -> list[TensorEntry]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise MultiflowError(f"{index} is not a valid safetensors index (needs 'weight_map')") from exc
         files = list(dict.fromkeys(weight_map.values()))
         missing = [name for name in files if not (folder / name).is_file()]
@@ -141,23 +201,39 @@ def list_tensors(folder: Path, allow_pickle: bool = False) -> list[TensorEntry]:
     pickled = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
     if pickled:
         if not allow_pickle:
-            raise MultiflowError(
-                f"{folder} holds only pickled weights ({pickled[0].name}); pickles can run code when loaded. "
-                "Convert them to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)"
-            )
+            raise PickledWeights(folder, pickled[0])
         return [e for path in pickled for e in _pickle_entries(path)]
     raise MultiflowError(f"{folder} has no weights (*.safetensors, or pickled *.bin with --allow-pickle)")
+
+
+def _refusal(message: str) -> str:
+    """torch's reason for refusing a pickle, without its multi-line advice to drop weights_only."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it references {found.group(1)}"
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in message.splitlines()]
+    reason = next((line for line in lines if line and not line.startswith(advice)), "unsupported content")
+    return reason.removeprefix("WeightsUnpickler error:").strip().rstrip(".")
 
 
 @functools.lru_cache(maxsize=1)
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's multi-line notes on pickle protocols; failures are reported below
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met something other than tensors: it could run code
+        why = _refusal(str(exc))
+        raise MultiflowError(f"{path}: refused by weights_only loading ({why}): not a plain tensor pickle, it could "
+                             "run code when unpickled; do not load it, get these weights as safetensors from a "
+                             "trusted source") from None
     except Exception as exc:  # torch raises many types for a bad pickle
-        raise MultiflowError(f"cannot load {path} with weights_only=True: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MultiflowError(f"cannot load {path} with torch.load(weights_only=True): {reason}") from None
     if not isinstance(state, dict):
         raise MultiflowError(f"{path} does not hold a state dict")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

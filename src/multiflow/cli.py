@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from multiflow import __version__
 from multiflow.errors import MultiflowError
+from multiflow.outputs import given
+from multiflow.text_data import DEFAULT_SEQ_LEN
 
 log = logging.getLogger("multiflow")
 
@@ -21,6 +25,16 @@ def _target(text: str) -> float:
         return check_target(text)
     except MultiflowError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -51,9 +65,15 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
                    help="calibration data: a JSON/JSONL file ({image, question, answer} records or LLaVA "
                         "'conversations'), a datasets save_to_disk folder, or parquet files with an image column "
                         "and question/answer (or questions/answers) columns. Default: the demo model's calibration split "
-                        "for the demo model, else the bundled photographs")
-    c.add_argument("--nsamples", type=int, default=128, help="number of image-question samples (default 128)")
+                        "for the demo model, else the bundled photographs. A plain language model (llama, qwen2, "
+                        "gemma...) needs text: a .txt file or folder of them, JSONL {\"text\": ...} records, or a "
+                        "datasets folder / parquet with a text column")
+    c.add_argument("--nsamples", type=int, default=128,
+                   help="number of image-question samples, or of text windows for a plain language model (default 128)")
     c.add_argument("--seed", type=int, default=0, help="which samples, in which order (default 0)")
+    c.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
+                   help=f"plain language model: tokens per calibration window (default {DEFAULT_SEQ_LEN}; "
+                        "SparseGPT and Wanda use 2048 on LLaMA)")
     c.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
                    help="samples per forward pass (default 1); results equal up to float rounding")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -79,15 +99,20 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=["multiflow", "wanda", "magnitude"], default="multiflow",
-                   help="score: multiflow = information flow (paper Eq. 6), wanda = |W|*||x||, magnitude = |W| "
-                        "(default multiflow)")
+    from multiflow.pruning import METHODS
+    from multiflow.scores import SCORES, describe
+
+    p.add_argument("--method", choices=METHODS, default="multiflow",
+                   help="the score that chooses the pruned weights (a_j = sqrt(mean x_j^2) over calibration "
+                        "tokens). " + "; ".join(describe(n) for n in SCORES) +
+                        "; sparsegpt: SparseGPT (Frantar & Alistarh 2023), its own w^2/[H^-1]_jj^2 and the OBS "
+                        "update of the kept weights from each layer's input Hessian (run only, always sequential)")
     p.add_argument("--allocation", choices=["modality", "uniform", "global", "scores", "owl"], default="modality",
                    help="per-layer sparsity: modality = Step 1's per-modality magnitude map (default), uniform = "
                         "every layer at the target, global = one magnitude threshold over all modalities (ablation), "
                         "scores = one threshold per modality over each layer's --method scores divided by their "
                         "mean, owl = outlier-weighted (OWL: layers with more scores above 5x their mean keep more, "
-                        "within +-0.08 of the target)")
+                        "within +-0.08 of the target); scores and owl use wanda's scores with --method sparsegpt")
     p.add_argument("--group", choices=["layer", "row"], default="layer",
                    help="comparison group for the threshold: the whole matrix (default, as the paper) or each "
                         "output row (Wanda's choice)")
@@ -98,8 +123,12 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="layers whose output never reaches the model's output (LLaVA-1.5: the last CLIP layer): "
                         "keep = treat as any layer (default, as the paper); prune = zero them and count them "
                         "toward their modality's target")
-    p.add_argument("--output", metavar="DIR", required=True, help="folder for the pruned checkpoint (must be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--output", metavar="DIR", required=True,
+                   help="folder for the pruned checkpoint: new, empty, or a previous multiflow output (with "
+                        "--overwrite); never the model folder, a folder inside it or one holding it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output when it is a previous multiflow output (it holds multiflow_report.json); "
+                        "any other non-empty folder is never replaced")
     p.add_argument("--quiet", action="store_true", help="print only the output path (no report, no progress bars)")
 
 
@@ -128,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", metavar="PATH", default=".",
                    help="folder for sparsity_distribution_<s>.json files (default: current folder), "
                         "or a .json file name when one target is given")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (.json and .png); without it an existing one is an error")
     d.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                    help="write a PNG chart next to each JSON (default on; --no-plot to skip)")
     d.add_argument("--all-layers", action="store_true", help="list every layer in the report, not the first and last 5")
@@ -144,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _calibration_args(c)
     c.add_argument("--output", metavar="FILE", default="stats.safetensors",
-                   help="statistics file to write (default stats.safetensors)")
+                   help="statistics file to write (default stats.safetensors); never inside the model folder")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file; without it an existing one is an error")
     c.add_argument("--quiet", action="store_true", help="print only the output path (no report, no progress bar)")
 
     p = sub.add_parser(
@@ -177,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the outputs of the already-pruned blocks before it (as Wanda and "
                         "SparseGPT do; each block runs twice). Default: one pass over the dense model, as the paper")
+    r.add_argument("--update", choices=["none", "obs"], default="none",
+                   help="reconstruction of the kept weights: none = masks only (default); obs = SparseGPT's "
+                        "optimal-brain-surgeon update from each layer's input Hessian, the --method score choosing "
+                        "each column block's mask from the already updated weights (always sequential; "
+                        "--method sparsegpt = obs with SparseGPT's own criterion). With --allocation scores/owl "
+                        "a dense statistics pass plans the per-layer sparsity first")
+    r.add_argument("--blocksize", type=_at_least_one, default=None, metavar="N",
+                   help="--update obs and --method sparsegpt: columns per block of the update (default 128)")
+    r.add_argument("--percdamp", type=float, default=None, metavar="F",
+                   help="--update obs and --method sparsegpt: Hessian dampening, F x its mean diagonal (default 0.01)")
 
     e = sub.add_parser(
         "eval",
@@ -196,13 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="which samples, in which order, with --nsamples (default 0)")
     e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
                    help="samples per generation batch (default 8)")
-    e.add_argument("--max-new-tokens", type=int, default=16, help="longest generated answer (default 16)")
+    e.add_argument("--max-new-tokens", type=_at_least_one, default=16, metavar="N",
+                   help="longest generated answer in tokens, at least 1 (default 16)")
+    e.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
+                   help=f"plain language model: perplexity over non-overlapping windows of N tokens "
+                        f"(default {DEFAULT_SEQ_LEN}); --nsamples then counts windows")
     e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype to run the models in (default float32)")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     e.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
     e.add_argument("--output", metavar="FILE", help="write the results (overall, per kind, per item) as JSON")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file; without it an existing one is an error")
     e.add_argument("--quiet", action="store_true", help="print only the accuracy (no table, no progress bar)")
+
+    g = sub.add_parser(
+        "convert-gguf",
+        help="convert a GGUF file (llama.cpp) into a safetensors checkpoint folder that every command reads",
+        description="Dequantize a GGUF file through transformers (needs the gguf package: pip install gguf) and "
+                    "write config.json, model.safetensors, the tokenizer and multiflow_report.json into --output. "
+                    "Then pass --model DIR to any command. The whole model is in memory once.",
+    )
+    g.add_argument("gguf", metavar="FILE", help="the .gguf file")
+    g.add_argument("--output", metavar="DIR", required=True, help="folder to write (new or empty)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the written weights (default float32: every dequantized value exactly)")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous multiflow output folder")
+    g.add_argument("--quiet", action="store_true", help="print only the output path")
 
     m = sub.add_parser(
         "modalities",
@@ -234,36 +297,57 @@ def _calibration_data(given: str | None, model: Path) -> Path | None:
     return demo_split("calibration") if is_demo(model) else None
 
 
+def _target_name(s: float) -> str:
+    """The target as written in file names: %g, or every digit when %g would round it (0.5000001)."""
+    from multiflow.distribution import target_name
+
+    return target_name(s)
+
+
 def _output_paths(output: str, targets: list[float]) -> list[tuple[Path, Path]]:
-    out = Path(output)
-    if out.suffix.lower() == ".json":
+    out = given(output)
+    if out.suffix.lower() == ".json" and not out.is_dir():
         if len(targets) > 1:
             raise MultiflowError(f"--output {out} names one file but {len(targets)} targets were given; give a folder")
         return [(out, out.with_suffix(".png"))]
     if out.exists() and not out.is_dir():
-        raise MultiflowError(f"--output {out} exists and is not a folder")
-    return [(out / f"sparsity_distribution_{s:g}.json", out / f"sparsity_distribution_{s:g}.png") for s in targets]
+        raise MultiflowError(f"--output {out} is a file; give a folder, or a .json file name for one target")
+    if len(set(targets)) < len(targets):
+        twice = next(s for s in targets if targets.count(s) > 1)
+        raise MultiflowError(f"--target-sparsity {twice:g} is given twice; give each target once")
+    names = [f"sparsity_distribution_{_target_name(s)}" for s in targets]
+    return [(out / f"{n}.json", out / f"{n}.png") for n in names]
 
 
 def cmd_distribute(args: argparse.Namespace) -> int:
     from multiflow import layers
     from multiflow.distribution import distribute
+    from multiflow.outputs import check_file_output, files_together
     from multiflow.plots import plot_distribution
     from multiflow.report import render
 
     paths = _output_paths(args.output, args.targets)
+    written = [p for pair in paths for p in (pair if args.plot else pair[:1])]
     model = _resolve_model(args.model)
     inv = layers.from_checkpoint(model, args.rules, args.vision_tower, args.allow_pickle)
+    for path in written:
+        check_file_output(path, {"the input model folder": model, "the --vision-tower folder": args.vision_tower,
+                                 "the --rules file": args.rules}, args.overwrite)
     for note in inv.notes:
         log.warning(note)
     dists = distribute(inv, args.targets, progress=not args.quiet)
+    with files_together(written, args.overwrite) as temps:  # every JSON with its chart, or nothing
+        staged = iter(temps)
+        for dist in dists:
+            dist.save(next(staged))
+            if args.plot:
+                plot_distribution(dist, next(staged))
     for dist, (json_path, png_path) in zip(dists, paths):
         if not args.quiet:
             print(render(dist, all_layers=args.all_layers))
-        dist.save(json_path)
         print(json_path)
         if args.plot:
-            print(plot_distribution(dist, png_path))
+            print(png_path)
     return 0
 
 
@@ -271,9 +355,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from multiflow.calibration import CalibrationConfig, calibrate
     from multiflow.report import render_stats
 
-    output = Path(args.output)
-    if output.is_dir():
-        raise MultiflowError(f"--output {output} is a folder; give a file name such as {output / 'stats.safetensors'}")
+    output = given(args.output)
     model = _resolve_model(args.model)
     config = CalibrationConfig(
         model=model, output=output, data=_calibration_data(args.data, model),
@@ -282,7 +364,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rules=Path(args.rules) if args.rules else None,
         vision_tower=Path(args.vision_tower) if args.vision_tower else None,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, whole_model=args.whole_model,
-        samples_per_pass=args.samples_per_pass, device_map=args.device_map,
+        samples_per_pass=args.samples_per_pass, device_map=args.device_map, overwrite=args.overwrite,
+        seq_len=args.seq_len,
     )
     stats, meta = calibrate(config, progress=not args.quiet)
     if not args.quiet:
@@ -295,11 +378,22 @@ def _prune_config(args: argparse.Namespace, model: Path, stats: Path | None, dis
     from multiflow.pruning import PruneConfig, Structure
 
     return PruneConfig(
-        model=model, output=Path(args.output), target_sparsity=args.target, distribution=distribution,
+        model=model, output=given(args.output), target_sparsity=args.target, distribution=distribution,
         stats=stats, method=args.method, allocation=args.allocation, group=args.group,
         structure=Structure.parse(args.structure), dead_layers=args.dead_layers,
         rules=Path(args.rules) if args.rules else None, overwrite=args.overwrite,
     )
+
+
+# commands whose --model may hold pickled weights (with --allow-pickle); the others read safetensors only
+_PICKLE_COMMANDS = ("distribute", "modalities", "calibrate")
+
+
+def _refuse_allow_pickle(args: argparse.Namespace) -> None:
+    if args.allow_pickle:
+        raise MultiflowError(f"--allow-pickle: multiflow {args.command} does not support it (it writes safetensors "
+                             "copies of safetensors checkpoints); drop it and convert pickled weights to safetensors "
+                             "first (transformers: save_pretrained(..., safe_serialization=True))")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -309,9 +403,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.vision_tower:
         raise MultiflowError("prune writes the weights of the --model folder; a separate --vision-tower folder is "
                              "not part of it and is not pruned: drop --vision-tower")
-    if args.allow_pickle:
-        raise MultiflowError("prune writes safetensors copies of safetensors checkpoints; convert pickled weights "
-                             "to safetensors first")
+    _refuse_allow_pickle(args)
 
     config = _prune_config(args, _resolve_model(args.model), Path(args.stats) if args.stats else None,
                            Path(args.distribution) if args.distribution else None)
@@ -328,10 +420,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from multiflow.report import render_prune
 
     Structure.parse(args.structure)  # validate before the long calibration pass
+    _refuse_allow_pickle(args)
     if args.target is None and args.structure == "unstructured":
         raise MultiflowError("give --target-sparsity (or --structure N:M)")
-    if Path(args.output).exists() and any(Path(args.output).iterdir()) and not args.overwrite:
-        raise MultiflowError(f"--output {args.output} exists and is not empty; pass --overwrite or choose another folder")
+    given(args.output)  # checked in full by api.run, before the calibration pass
+    obs = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
+    if obs and args.method != "sparsegpt" and args.update != "obs":
+        raise MultiflowError(f"--{next(iter(obs))} sets the OBS weight update: add --update obs (or use --method "
+                             "sparsegpt), or drop it")
     model = _resolve_model(args.model)
     report = api.run(
         model, args.output, args.target, data=_calibration_data(args.data, model), nsamples=args.nsamples, seed=args.seed,
@@ -340,7 +436,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         structure=args.structure, dead_layers=args.dead_layers, rules=args.rules, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, vision_tower=args.vision_tower, whole_model=args.whole_model,
         samples_per_pass=args.samples_per_pass, device_map=args.device_map, sequential=args.sequential,
-        progress=not args.quiet,
+        seq_len=args.seq_len, progress=not args.quiet, update=args.update, **obs,
     )
     if not args.quiet:
         print(render_prune(report))
@@ -351,8 +447,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from multiflow.distribution import write_atomic
     from multiflow.evaluation import EvalConfig, evaluate
+    from multiflow.outputs import check_file_output, write_atomic
     from multiflow.report import render_eval
 
     if args.nsamples is not None and args.nsamples < 1:
@@ -360,14 +456,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MultiflowError(f"--batch-size {args.batch_size}: give at least 1")
     model = _resolve_model(args.model)
+    output = given(args.output) if args.output is not None else None
+    if output is not None:
+        check_file_output(output, {"the --model folder": model, "the --reference folder": args.reference,
+                                   "the --data input": args.data}, args.overwrite)
     results = evaluate(EvalConfig(
         model=model, data=Path(args.data) if args.data else _default_eval_data(args.model, model),
         reference=Path(args.reference) if args.reference else None, nsamples=args.nsamples, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-        trust_remote_code=args.trust_remote_code), progress=not args.quiet)
-    if args.output:
-        write_atomic(Path(args.output), json.dumps(results, indent=2) + "\n")
+        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len), progress=not args.quiet)
+    if output is not None:
+        write_atomic(output, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
+    if "perplexity" in results:  # a plain language model
+        from multiflow.report import render_perplexity
+
+        print(f"{results['perplexity']:.4f}" if args.quiet else render_perplexity(results))
+        return 0
     print(f"{results['accuracy']:.4f}" if args.quiet else render_eval(results))
+    return 0
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from multiflow.gguf_convert import convert_gguf
+
+    summary = convert_gguf(args.gguf, given(args.output), args.dtype, args.overwrite)
+    if not args.quiet:
+        print(f"{summary['model']} -> {summary['output']}: {', '.join(summary['architectures'] or ['?'])}, "
+              f"{summary['parameters']:,} parameters in {summary['dtype']}"
+              f"{', tied embeddings' if summary['tie_word_embeddings'] else ''}")
+    print(summary["output"])
     return 0
 
 
@@ -377,8 +494,12 @@ def _default_eval_data(given: str | None, model: Path) -> Path | None:
 
     from multiflow.demo import demo_split, is_demo
 
-    report = model / "multiflow_report.json"
-    source = json.loads(report.read_text()).get("model") if report.is_file() else None
+    try:  # a pruned copy names its source model in its report; an unreadable report names none
+        source = json.loads((model / "multiflow_report.json").read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if not isinstance(source, str):
+        source = None
     if given is None or is_demo(model) or (source and is_demo(Path(source))):
         return demo_split("evaluation")
     return None
@@ -393,21 +514,44 @@ def cmd_modalities(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every cleanup path (`except BaseException`,
+    `finally`, context managers) runs, as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = "WARNING" if getattr(args, "quiet", False) and args.log_level == "INFO" else args.log_level
     logging.basicConfig(level=level, format="multiflow: %(levelname)s: %(message)s")
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         commands = {"distribute": cmd_distribute, "calibrate": cmd_calibrate, "prune": cmd_prune, "run": cmd_run,
-                    "eval": cmd_eval, "modalities": cmd_modalities}
+                    "eval": cmd_eval, "modalities": cmd_modalities, "convert-gguf": cmd_convert_gguf}
         return commands[args.command](args)
     except MultiflowError as exc:
-        print(f"multiflow: error: {exc}", file=sys.stderr)
+        from multiflow.checkpoint import PickledWeights
+
+        if isinstance(exc, PickledWeights) and args.command not in _PICKLE_COMMANDS:
+            exc = exc.without_flag(args.command)
+        one_line = " ".join(str(exc).split())  # messages quoting a library's multi-line text stay one line
+        print(f"multiflow: error: {one_line}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("multiflow: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("multiflow: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

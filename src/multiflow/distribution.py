@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 from multiflow import selection
 from multiflow.errors import MultiflowError
 from multiflow.layers import Inventory, Layer
+from multiflow.outputs import write_atomic  # also re-exported: older code imports it from here
 
 STAT_FIELDS = (
     "num_layers",
@@ -116,6 +115,10 @@ class Distribution:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "distribution") -> "Distribution":
+        if not isinstance(data, dict):
+            raise MultiflowError(f"{where} holds a JSON {type(data).__name__}, not a multiflow distribution (an "
+                                 "object with target_sparsity, layer_distribution and meta): give the file that "
+                                 "multiflow distribute wrote")
         try:
             meta = dict(data["meta"])
             layers = {
@@ -142,24 +145,16 @@ class Distribution:
     def load(cls, path: str | Path) -> "Distribution":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MultiflowError(f"cannot read distribution {path}: {exc}") from exc
         return cls.from_json(data, str(path))
 
 
-def write_atomic(path: Path, content: str | bytes) -> Path:
-    """Write to a temporary file beside `path`, then rename: no partial file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def target_name(s: float) -> str:
+    """A target as written in file names (`sparsity_distribution_<name>.json`): %g, or every digit when %g
+    would round it (0.5000001, 0.9999999), so that two targets never share a file name."""
+    return f"{s:g}" if float(f"{s:g}") == s else repr(s)
 
 
 def check_target(value: Any) -> float:
@@ -223,7 +218,9 @@ def distribute(
             space = spaces[group_of(layer)]
             hist = selection.coarse_histogram(weight, space)
             if int(hist[space.nonfinite_key >> space.shift :].sum()):
-                raise MultiflowError(f"layer {layer.name} contains NaN or inf weights; fix the checkpoint first")
+                where = f" (tensor {layer.handle.key!r} of {layer.handle.file})" if hasattr(layer.handle, "file") else ""
+                raise MultiflowError(f"layer {layer.name}{where} contains NaN or inf weights; fix or re-download "
+                                     "the checkpoint")
             coarse[layer.name] = hist.to(torch.int32) if layer.numel < 2**31 else hist
             bar.update(layer.numel)
 

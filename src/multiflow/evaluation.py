@@ -14,6 +14,7 @@ model work is in `evaluate`.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import string
@@ -27,6 +28,9 @@ from tqdm.auto import tqdm
 from multiflow.calibration import build_prompt
 from multiflow.calibration_data import Sample, load_samples
 from multiflow.errors import MultiflowError
+from multiflow.text_data import DEFAULT_SEQ_LEN
+
+log = logging.getLogger("multiflow")
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -72,13 +76,26 @@ class EvalConfig:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
+    seq_len: int = DEFAULT_SEQ_LEN  # a plain language model: tokens per perplexity window
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--nsamples", self.nsamples), ("--batch-size", self.batch_size),
+                            ("--max-new-tokens", self.max_new_tokens)):
+            if value is not None and value < 1:
+                raise MultiflowError(f"{flag} {value}: give at least 1")
 
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Generate answers for every sample; score them; compare with the reference model if given."""
+    """Generate answers for every sample; score them; compare with the reference model if given.
+    A plain language model gets perplexity on text windows instead (`perplexity.evaluate_perplexity`)."""
     from multiflow import layers
     from multiflow.model_loading import load_model
 
+    family = layers.from_checkpoint(config.model).family
+    if family is not None and family.text_only:
+        from multiflow.perplexity import evaluate_perplexity
+
+        return evaluate_perplexity(config, progress)
     samples, report = load_samples(config.data, config.nsamples if config.nsamples else 10**9, config.seed)
     samples = [s for s in samples if s.answer]
     if not samples:
@@ -89,6 +106,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if config.reference is not None:
         reference = load_model(config.reference, layers.from_checkpoint(config.reference), config.dtype,
                                config.device, config.trust_remote_code)
+        check_reference(loaded, reference, config.model, config.reference)
     items = []
     bar = tqdm(total=len(samples), unit="sample", desc="eval", disable=not progress)
     with bar:
@@ -102,13 +120,60 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                               "exact_match": exact_match(answer, [sample.answer]),
                               "rouge_l": rouge_l(answer, [sample.answer]), **(d or {})})
             bar.update(len(batch))
+    summary = _summary(items)
     return {
         "model": str(config.model), "reference_model": None if reference is None else str(config.reference),
         "data": report.source, "nsamples": len(items), "seed": config.seed,
-        **_summary(items), "per_kind": {k: _summary([x for x in items if x["kind"] == k])
-                                        for k in sorted({x["kind"] for x in items if x["kind"]})},
+        **summary, "per_kind": {k: _summary([x for x in items if x["kind"] == k])
+                                for k in sorted({x["kind"] for x in items if x["kind"]})},
+        **({"warnings": reference_warnings(summary, config.reference)} if reference is not None else {}),
         "items": items,
     }
+
+
+# A reference this far from the model shares nothing with it: KL(dense || pruned) in nats per token, and
+# top-1 agreement. On the demo model (BENCHMARKS.md) even 90% sparsity stays below 2.5 nats and above 44%.
+UNRELATED_KL, UNRELATED_AGREEMENT = 5.0, 0.05
+
+
+def check_reference(loaded, reference, model: Path, where: Path) -> None:
+    """Refuse, before any generation, a --reference that cannot be compared token by token with the model:
+    another architecture, another vocabulary size, or another tokenizer."""
+    def describe(m) -> tuple:
+        config = m.model.config
+        return type(m.model).__name__, getattr(config, "model_type", None)
+
+    def vocab_size(m) -> int | None:
+        head = m.model.get_output_embeddings()
+        return None if head is None else int(head.weight.shape[0])
+
+    def tokenizer_of(m):
+        return getattr(m.processor, "tokenizer", m.processor)
+
+    if describe(loaded) != describe(reference):
+        raise MultiflowError(f"--reference {where} is a {describe(reference)[0]} ({describe(reference)[1]}) but "
+                             f"--model {model} is a {describe(loaded)[0]} ({describe(loaded)[1]}); compare a pruned "
+                             "model with the dense checkpoint it was pruned from")
+    if vocab_size(loaded) != vocab_size(reference):
+        raise MultiflowError(f"--reference {where} predicts {vocab_size(reference)} tokens but --model {model} "
+                             f"{vocab_size(loaded)}: another vocabulary; compare a pruned model with the dense "
+                             "checkpoint it was pruned from")
+    mine, theirs = tokenizer_of(loaded), tokenizer_of(reference)
+    if hasattr(mine, "get_vocab") and hasattr(theirs, "get_vocab") and mine.get_vocab() != theirs.get_vocab():
+        raise MultiflowError(f"--reference {where} has another tokenizer than --model {model} (their vocabularies "
+                             "differ); compare a pruned model with the dense checkpoint it was pruned from")
+
+
+def reference_warnings(summary: dict[str, Any], where: Path) -> list[str]:
+    """Warnings (also logged) when the reference shares nothing with the model: is it the right checkpoint?"""
+    kl, agreement = summary.get("kl"), summary.get("top1_agreement")
+    if kl is None or agreement is None or (kl <= UNRELATED_KL and agreement >= UNRELATED_AGREEMENT):
+        return []
+    text = (f"--reference {where} shares almost nothing with the model (KL {kl:.2f} nats per token, top-1 "
+            f"agreement {agreement:.1%}; above {UNRELATED_KL:g} nats or below {UNRELATED_AGREEMENT:.0%} means "
+            "unrelated): is it the dense checkpoint this model was pruned from?")
+    log.warning(text)
+    return [text]
 
 
 def _summary(items: list[dict]) -> dict[str, Any]:

@@ -91,6 +91,10 @@ def _classify(
     for name, shape, dtype, handle in candidates:
         rule = rules.classify(name)
         numel = shape[0] * shape[1]
+        if numel == 0 and rule is not None and rule.group != "skip":
+            where = f"{handle.file}: tensor {handle.key!r}" if isinstance(handle, TensorEntry) else f"layer {name}"
+            raise MultiflowError(f"{where} is a linear layer with no weights (shape {list(shape)}); fix the "
+                                 "checkpoint, or skip it with a rule of group skip in --rules FILE")
         if rule is None:
             unmatched.append(name)
         elif rule.group == "skip":
@@ -110,6 +114,33 @@ def _classify(
             )
         layers.append(layer)
     return layers, skipped
+
+
+def _role(name: str) -> str:
+    """A module's role: its name with layer indices replaced (`layers.3.mlp.fc1` -> `layers.#.mlp.fc1`)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+
+def _refuse_misshapen(rules: ModalityRules, weighted: list[tuple[str, TensorEntry]],
+                      candidates: list[tuple[str, tuple[int, ...], Any, Any]]) -> None:
+    """A `.weight` that a rule puts in a modality but is not 2-D is refused when it stands where a linear
+    layer does: its role is a 2-D layer's elsewhere (`layers.0.q_proj` 1-D, `layers.1.q_proj` 2-D), or, 1-D,
+    its length is no dimension of any linear (a norm's or scale's length is the width of some linear; a
+    flattened matrix's is not). Convolutions and norms keep their shapes and pass."""
+    linear_roles = {_role(name) for name, *_ in candidates if (r := rules.classify(name)) and r.group != "skip"}
+    widths = {d for _, shape, *_ in candidates for d in shape}
+    for name, entry in weighted:
+        if not entry.key.endswith(".weight") or len(entry.shape) == 2:
+            continue
+        rule = rules.classify(name)
+        if rule is None or rule.group == "skip":
+            continue
+        if _role(name) in linear_roles or (len(entry.shape) == 1 and entry.shape[0] not in widths):
+            raise MultiflowError(
+                f"{entry.file}: tensor {entry.key!r} stands where a prunable linear layer does (rule "
+                f"{rule.pattern!r} -> {rule.group}) but has shape {list(entry.shape)}, not [out, in]; fix the "
+                "checkpoint, or skip it with a rule of group skip in --rules FILE"
+            )
 
 
 def _resolve_rules(config: dict[str, Any], rules: Any, where: str) -> tuple[ModalityRules, Family | None, tuple]:
@@ -184,6 +215,7 @@ def from_checkpoint(
             candidates.append((name, entry.shape, entry.dtype, entry))
         else:
             other += entry.numel
+    _refuse_misshapen(ruleset, weighted, candidates)
     layers, skipped = _classify(ruleset, candidates)
 
     def reader(wanted: list[Layer]) -> Iterator[tuple[Layer, torch.Tensor]]:

@@ -71,3 +71,48 @@ def n_m_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def count_for(sparsity: float, size: int) -> int:
     """k = floor(s * size), the number a sparsity asks to prune from `size` weights."""
     return math.floor(sparsity * size)
+
+
+def mask_violation(score: torch.Tensor, keep: torch.Tensor, k: int, *, row: bool = False,
+                   n_m: tuple[int, int] | None = None) -> str | None:
+    """Check a keep-mask against the conventions above, from the score alone; None if it holds, else why not.
+
+    Sound whatever found the mask: for a group (the matrix, or each row) and any
+    candidate t, "pruned exactly where score <= t, and #(score < t) < k <= #(score <= t)"
+    holds only when t is the k-th smallest score and the mask prunes it and all
+    below it, ties included. Scores must be finite. k = 0: nothing pruned.
+    N:M: exactly N kept in every group of M, no pruned score above a kept one.
+    """
+    if n_m is not None:
+        n, m = n_m
+        groups, kept = score.reshape(score.shape[0], -1, m), keep.reshape(score.shape[0], -1, m)
+        counts = torch.count_nonzero(kept, dim=-1)
+        if not bool((counts == n).all()):
+            return f"a group of {m} keeps {int(counts[counts != n][0])} weights, not {n}"
+        top_pruned = groups.masked_fill(kept, float("-inf")).amax(-1)
+        low_kept = groups.masked_fill(~kept, float("inf")).amin(-1)
+        if not bool((top_pruned <= low_kept).all()):
+            return "a pruned weight does not score at or below every kept one of its group"
+        return None
+    if k == 0:
+        pruned = keep.numel() - int(torch.count_nonzero(keep))
+        return None if not pruned else f"{pruned} weights pruned where k = 0"
+    low, high = torch.aminmax(score)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        return "the scores hold NaN or inf (they overflow float32)"
+    if row:  # candidate t per row: its largest pruned score
+        t = score.masked_fill(keep, float("-inf")).amax(1, keepdim=True)
+        pruned = score.shape[1] - keep.sum(1, dtype=torch.int32)
+    else:  # candidate t: the k-th smallest as found here (the checks below do not trust it)
+        t = kth_smallest(score, k)
+        pruned = torch.tensor(keep.numel() - int(torch.count_nonzero(keep)))
+    if not torch.equal(score > t, keep):
+        return "the pruned weights are not exactly those scoring at or below a threshold"
+    if not bool((pruned >= k).all()):
+        return f"{int(pruned.min())} weights pruned{' in a row' if row else ''}, fewer than k = {k}"
+    if bool((pruned > k).any()):  # beyond k: only ties with the k-th (exactly k pruned below t is right as is)
+        below = (score < t).sum(1, dtype=torch.int32) if row else torch.count_nonzero(score < t)
+        if not bool((below < k).all()):
+            return (f"{int(below.max())} weights score below the largest pruned one: more than the k = {k} "
+                    "lowest and their ties were pruned")
+    return None

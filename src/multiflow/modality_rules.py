@@ -85,7 +85,10 @@ class Family:
     `vision_tower_prefix`, when set, is where the weights of a separate CLIP
     folder (`--vision-tower`) are placed. `aligned_layers` selects the layers
     whose inputs line up with the prompt's token positions (padding and image
-    tokens are told apart there in Step 2).
+    tokens are told apart there in Step 2). `task` says which transformers Auto class runs the model
+    and what its inputs are: "image-text-to-text" (images and prompts, a processor) or
+    "text-generation" (a plain causal LM: text only, a tokenizer). `architecture_pattern` matches
+    any `config.architectures` entry by regular expression (a catch-all family).
     """
 
     rules: ModalityRules
@@ -100,6 +103,13 @@ class Family:
     # Dead layers: vision layers past the one whose output the model reads (config key), by index.
     feature_layer_key: str | None = None
     vision_layer_pattern: str | None = None  # regex whose group 1 is the vision layer index
+    task: str = "image-text-to-text"  # or "text-generation": a plain causal LM (tokenizer, text only)
+    architecture_pattern: str | None = None
+
+    @property
+    def text_only(self) -> bool:
+        """A plain language model: calibrated and evaluated on text, without images."""
+        return self.task == "text-generation"
 
     def dead_layers(self, config: Mapping[str, Any], names: Iterable[str]) -> list[str]:
         """Vision layers whose output cannot reach the model's output.
@@ -129,7 +139,10 @@ class Family:
             return True
         if set(config.get("architectures") or ()) & set(self.architectures):
             return True
-        return config.get("model_type") in self.model_types
+        if config.get("model_type") in self.model_types:
+            return True
+        return self.architecture_pattern is not None and any(
+            isinstance(a, str) and re.search(self.architecture_pattern, a) for a in config.get("architectures") or ())
 
 
 _LLAVA_RULES = (
@@ -260,6 +273,24 @@ FAMILIES: tuple[Family, ...] = (
         architectures=("VisionTextDualEncoderModel",),
         aligned_layers=r"^text_model\.encoder\.",  # the pooler reads the [CLS] state only: no token positions
     ),
+    # Plain decoder-only language models (LlamaForCausalLM and its kin): one modality, text. Checkpoint keys
+    # are the in-memory names (`model.layers.N.self_attn.q_proj`, phi3's fused `qkv_proj` / `gate_up_proj`);
+    # embeddings, norms and `lm_head` are never pruned (the gemma families and many small models tie
+    # `lm_head` to the embeddings and leave it out of the checkpoint). Last in the table: the catch-all
+    # pattern must not take LLaVA's `LlavaLlamaForCausalLM`; a *ForCausalLM laid out differently fails
+    # with the names of its unmatched layers (pass --rules).
+    Family(
+        rules=ModalityRules(
+            "causal-lm",
+            ("text",),
+            (Rule(r"^model\.layers\.", "text", "decoder layers"),),
+        ),
+        naming="transformers",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
+        architecture_pattern=r"ForCausalLM$",
+        aligned_layers=r"^model\.layers\.",
+        task="text-generation",
+    ),
 )
 
 
@@ -292,9 +323,11 @@ def load_rules_file(path: str | Path) -> tuple[ModalityRules, tuple[tuple[str, s
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise MultiflowError(f"cannot read rules file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise MultiflowError(f"rules file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -303,7 +336,10 @@ def load_rules_file(path: str | Path) -> tuple[ModalityRules, tuple[tuple[str, s
 
             data = yaml.safe_load(text)
     except Exception as exc:  # json and yaml raise different types
-        raise MultiflowError(f"rules file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)  # yaml's, in one line
+        reason = (f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark and problem
+                  else " ".join(str(exc).split()))
+        raise MultiflowError(f"rules file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {reason}") from None
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
         raise MultiflowError(f"rules file {path} needs a non-empty list under 'rules'")
     rules = []

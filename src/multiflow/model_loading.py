@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from multiflow.checkpoint import TensorEntry, list_tensors, read_tensors
+from multiflow.checkpoint import TensorEntry, check_finite, list_tensors, read_tensors
 from multiflow.errors import MultiflowError
 from multiflow.layers import Inventory, module_name
 
@@ -34,11 +34,20 @@ class WeightSource:
         """Give `model` the real values of parameters `names` (floating ones in `dtype`), on `device`."""
         for name in names:
             if name in self.computed:
-                set_parameter(model, name, _cast(self.computed[name], dtype, device))
+                value = _cast(self.computed[name], dtype, device)
+                check_finite(value, name, "the converted model")
+                set_parameter(model, name, value)
         on_disk = [n for n in names if n not in self.computed]
         owner = {id(self.entries[n]): n for n in on_disk}
         for entry, tensor in read_tensors([self.entries[n] for n in on_disk]):
-            set_parameter(model, owner[id(entry)], _cast(tensor, dtype, device))  # a copy: the buffer is reused
+            name = owner[id(entry)]
+            expected = tuple(model.get_parameter(name).shape)
+            if tuple(tensor.shape) != expected:
+                raise MultiflowError(f"tensor {entry.key!r} of {entry.file} has shape {list(tensor.shape)}, but the "
+                                     f"model built from config.json expects {list(expected)} for {name}")
+            value = _cast(tensor, dtype, device)  # a copy: the buffer is reused
+            _check_cast(tensor, value, entry.key, entry.file)
+            set_parameter(model, name, value)
 
     @staticmethod
     def unload(model: torch.nn.Module, names: list[str]) -> None:
@@ -46,6 +55,16 @@ class WeightSource:
         for name in names:
             p = model.get_parameter(name)
             set_parameter(model, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+
+def _check_cast(stored: torch.Tensor, value: torch.Tensor, key: str, file) -> None:
+    """NaN/inf in the checkpoint, or finite values that overflow the --dtype they were cast to: an error."""
+    try:
+        check_finite(value, key, file)
+    except MultiflowError:
+        check_finite(stored, key, file)  # raises when the checkpoint itself holds them
+        raise MultiflowError(f"tensor {key!r} of {file} overflows {value.dtype} (values beyond its range); "
+                             f"run with --dtype float32 or bfloat16") from None
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -96,7 +115,8 @@ def load_model(
     `lazy`: parameters stay on disk (meta device) and `LoadedModel.weights` says where;
     buffers are real. `device_map` ("auto"): whole model spread over the GPUs by accelerate.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                              AutoTokenizer)
 
     folder = Path(folder)
     if dtype not in DTYPES:
@@ -107,12 +127,16 @@ def load_model(
             raise MultiflowError("--device-map applies to transformers-layout checkpoints; an original-layout LLaVA "
                                  "is converted in memory: use --device")
         return _load_original(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle, lazy)
+    text_only = inventory.family is not None and inventory.family.text_only  # a plain causal LM: a tokenizer
+    auto_model = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
     try:
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        processor = (AutoTokenizer if text_only else AutoProcessor).from_pretrained(
+            folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise MultiflowError(
-            f"cannot load a processor (tokenizer + image processor) from {folder}: {exc}. "
-            "Calibration needs the tokenizer and preprocessor files next to the weights"
+            f"cannot load a {'tokenizer' if text_only else 'processor (tokenizer + image processor)'} from "
+            f"{folder}: {exc}. Calibration and evaluation need the tokenizer{'' if text_only else ' and preprocessor'} "
+            "files next to the weights"
         ) from exc
     try:
         if lazy:
@@ -120,22 +144,24 @@ def load_model(
 
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
             with init_empty_weights(include_buffers=False):
-                model = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+                model = auto_model.from_config(config, trust_remote_code=trust_remote_code)
         else:
             extra = {"device_map": device_map} if device_map else {}
-            model = AutoModelForImageTextToText.from_pretrained(
+            model = auto_model.from_pretrained(
                 folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
                 **extra)
     except (OSError, ValueError) as exc:
         raise MultiflowError(f"cannot load the model from {folder}: {exc}") from exc
     weights = None
     if lazy:
-        weights = _lazy_source(folder, inventory, model)
+        weights = _lazy_source(folder, inventory, model, allow_pickle)
         _move_buffers(model, target)
     elif device_map:
         target = next(p.device for p in model.parameters())
     else:
         model.to(target)
+    if not lazy:
+        _check_loaded(model, folder, inventory.renames, allow_pickle)
     model.eval()
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [layer.name for layer in inventory.layers if layer.name not in names]
@@ -151,10 +177,24 @@ def load_model(
                        DTYPES[dtype])
 
 
-def _lazy_source(folder: Path, inventory: Inventory, model: torch.nn.Module) -> WeightSource:
+def _check_loaded(model: torch.nn.Module, folder: Path, renames, allow_pickle: bool) -> None:
+    """Every floating-point parameter of a whole loaded model is finite; else an error naming its tensor and file."""
+    for name, param in model.named_parameters():
+        try:
+            check_finite(param.detach(), name, folder)
+        except MultiflowError:
+            entry = next((e for e in list_tensors(folder, allow_pickle) if module_name(e.key, renames) == name), None)
+            key, file = (entry.key, entry.file) if entry else (name, folder)
+            raise MultiflowError(f"tensor {key!r} of {file} holds NaN or inf values as loaded in {param.dtype}; "
+                                 "fix or re-download the checkpoint (or choose another --dtype if it overflows)"
+                                 ) from None
+
+
+def _lazy_source(folder: Path, inventory: Inventory, model: torch.nn.Module, allow_pickle: bool = False
+                 ) -> WeightSource:
     """Every parameter of the model's base (what a forward for statistics runs) found in the checkpoint."""
     entries = {}
-    for entry in list_tensors(folder):
+    for entry in list_tensors(folder, allow_pickle):
         if entry.begin is None:
             raise MultiflowError(f"{entry.file}: block-by-block loading reads safetensors only; convert the "
                                  "checkpoint to safetensors or pass --whole-model")

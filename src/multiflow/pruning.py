@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +25,27 @@ from tqdm.auto import tqdm
 
 from multiflow import layers as layers_mod
 from multiflow import masks, scores
-from multiflow.checkpoint import list_tensors, read_tensors
-from multiflow.distribution import Distribution, check_target, distribute, write_atomic
+from multiflow.checkpoint import check_finite, list_tensors, read_tensors
+from multiflow.distribution import Distribution, check_target, distribute, target_name
 from multiflow.errors import MultiflowError
 from multiflow.layers import Inventory, Layer
+from multiflow.outputs import REPORT_NAME, FolderOutput, write_atomic
 from multiflow.stats_file import LayerStats, load_stats
 
 log = logging.getLogger("multiflow")
 
-METHODS = ("multiflow", "wanda", "magnitude")
+METHODS = (*scores.SCORES, "sparsegpt")  # a score (scores.SCORES) or sparsegpt (reconstruction.py, `run` only)
+UPDATES = ("none", "obs")  # obs: SparseGPT's weight update after each tile's mask (reconstruction.py, `run` only)
 ALLOCATIONS = ("modality", "uniform", "global", "scores", "owl")
 SCORE_ALLOCATIONS = ("scores", "owl")  # per-layer sparsity from the scores: need the statistics before planning
 GROUPS = ("layer", "row")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SPARSEGPT_NEEDS_RUN = ("--method sparsegpt updates the weights from each layer's Hessian, collected while "
+                       "calibrating block by block: use `multiflow run --method sparsegpt` (multiflow.run(..., "
+                       "method='sparsegpt')); prune from a stats file and prune_module cannot")
+UPDATE_NEEDS_RUN = ("--update obs updates the weights from each layer's Hessian, collected while calibrating block "
+                    "by block: use `multiflow run --update obs` (multiflow.run(..., update='obs')); prune from a "
+                    "stats file and prune_module cannot")
 
 
 @dataclass(frozen=True)
@@ -81,15 +88,23 @@ class PruneConfig:
     dead_layers: str = "keep"
     rules: Path | None = None
     overwrite: bool = False
+    update: str = "none"  # obs: SparseGPT's OBS update of the kept weights (--method sparsegpt always has it)
+    blocksize: int = 128  # the OBS update's column block (SparseGPT's default)
+    percdamp: float = 0.01  # the OBS update's dampening, a fraction of the Hessian's mean diagonal
 
     def __post_init__(self) -> None:
         for value, allowed, flag in ((self.method, METHODS, "--method"), (self.allocation, ALLOCATIONS, "--allocation"),
-                                     (self.group, GROUPS, "--group"), (self.dead_layers, ("keep", "prune"), "--dead-layers")):
+                                     (self.group, GROUPS, "--group"), (self.dead_layers, ("keep", "prune"), "--dead-layers"),
+                                     (self.update, UPDATES, "--update")):
             if value not in allowed:
                 raise MultiflowError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
         if self.target_sparsity is not None:
             check_target(self.target_sparsity)
-        if self.method != "magnitude" and self.stats is None:
+        if self.blocksize < 1:
+            raise MultiflowError(f"--blocksize {self.blocksize}: give at least 1")
+        if not 0 <= self.percdamp < float("inf"):
+            raise MultiflowError(f"--percdamp {self.percdamp}: give a number >= 0 (SparseGPT uses 0.01)")
+        if self.method not in (*scores.NO_STATISTICS, "sparsegpt") and self.stats is None:
             raise MultiflowError(f"--method {self.method} needs activation statistics: pass --stats stats.safetensors "
                                  "(from multiflow calibrate), or use --method magnitude")
         if self.structure.is_n_m:
@@ -106,6 +121,17 @@ class PruneConfig:
         if self.distribution is not None and self.dead_layers == "prune":
             raise MultiflowError("--dead-layers prune recomputes Step 1 with the dead layers counted; drop --distribution")
 
+    @property
+    def reconstructs(self) -> bool:
+        """The kept weights get SparseGPT's OBS update: --method sparsegpt, or a score with --update obs."""
+        return self.method == "sparsegpt" or self.update == "obs"
+
+    @property
+    def allocation_score(self) -> str:
+        """The score --allocation scores / owl plans from: the --method's; wanda's for sparsegpt (OWL+SparseGPT in
+        the OWL paper takes its outlier ratios from Wanda's |W| * ||x|| on the dense model)."""
+        return "wanda" if self.method == "sparsegpt" else self.method
+
 
 @dataclass
 class LayerPlan:
@@ -116,6 +142,7 @@ class LayerPlan:
     target: float
     dead: bool = False
     pruned: int = 0
+    written: bool = False  # set by Step 3 once its zeros are checked in the bytes written
 
 
 def plan(config: PruneConfig, inventory: Inventory, progress: bool = True,
@@ -161,13 +188,14 @@ def _score_plans(config: PruneConfig, inventory: Inventory, stats, progress: boo
     from multiflow import allocation
 
     s = check_target(config.target_sparsity)
-    if stats is None and config.method != "magnitude":
+    name = config.allocation_score
+    if stats is None and name not in scores.NO_STATISTICS:
         raise MultiflowError(f"--allocation {config.allocation} derives each layer's sparsity from the "
-                             f"{config.method} scores: it needs the statistics (and cannot be fixed before "
+                             f"{name} scores: it needs the statistics (and cannot be fixed before "
                              "calibration, as --sequential would need)")
 
     def score(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
-        return layer_score(config.method, weight, None if stats is None else stats[layer.name].sq_mean)
+        return layer_score(name, weight, None if stats is None else stats[layer.name].sq_mean)
 
     if config.allocation == "scores":
         counts = allocation.score_counts(inventory, score, s, progress)
@@ -207,24 +235,82 @@ def check_stats(stats: dict[str, LayerStats], inventory: Inventory, where: Path)
 
 
 def layer_score(method: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> torch.Tensor:
-    """A layer's float32 importance scores by --method."""
-    if method == "magnitude":
-        return scores.magnitude_score(weight)
-    if method == "wanda":
-        return scores.wanda_score(weight, sq_mean)
-    return scores.multiflow_score(weight, sq_mean)
+    """A layer's float32 importance scores by --method (`scores.SCORES`; an unknown name is an error)."""
+    if method == "sparsegpt":
+        raise MultiflowError(SPARSEGPT_NEEDS_RUN)
+    return scores.score(method, weight, sq_mean)
 
 
 def layer_mask(weight: torch.Tensor, plan_: LayerPlan, config: PruneConfig, sq_mean: torch.Tensor | None) -> torch.Tensor:
     """The keep-mask of one layer (pure: weight and statistic in, mask out)."""
     if plan_.dead:
         return torch.zeros(weight.shape, dtype=torch.bool)
-    score = layer_score(config.method, weight, sq_mean)
+    return _mask_of(layer_score(config.method, weight, sq_mean), plan_, config)
+
+
+def _mask_of(score: torch.Tensor, plan_: LayerPlan, config: PruneConfig) -> torch.Tensor:
     if config.structure.is_n_m:
         return masks.n_m_mask(score, config.structure.n, config.structure.m)
     if config.group == "row":
         return masks.row_mask(score, plan_.k)
     return masks.layer_mask(score, plan_.k)
+
+
+def checked_mask(weight: torch.Tensor, plan_: LayerPlan, config: PruneConfig, sq_mean: torch.Tensor | None,
+                 where: Any = None) -> torch.Tensor:
+    """`layer_mask`, checked against the plan from the score alone (`masks.mask_violation`): at least k pruned,
+    beyond k only ties with the k-th score, never a pruned score above a kept one; N:M exactly N kept per group."""
+    if plan_.dead:
+        return torch.zeros(weight.shape, dtype=torch.bool)
+    score = layer_score(config.method, weight, sq_mean)
+    keep = _mask_of(score, plan_, config)
+    s = config.structure
+    why = masks.mask_violation(score, keep, plan_.k, row=config.group == "row", n_m=(s.n, s.m) if s.is_n_m else None)
+    if why is not None:
+        raise MultiflowError(f"layer {plan_.layer.name}{f' ({where})' if where else ''}: the mask does not match "
+                             f"the plan ({why}). Please report this")
+    return keep
+
+
+def planned_count(p: LayerPlan, config: PruneConfig) -> int:
+    """The fewest weights the plan prunes in this layer (ties with the k-th score can add more, N:M cannot)."""
+    rows, cols = p.layer.shape
+    if p.dead:
+        return rows * cols
+    if config.structure.is_n_m:
+        return rows * (cols // config.structure.m) * (config.structure.m - config.structure.n)
+    return p.k * rows if config.group == "row" else p.k
+
+
+def check_achieved(plans: list[LayerPlan], config: PruneConfig, report: dict[str, Any],
+                   dist: Distribution | None) -> None:
+    """Before the output is moved into place: every layer written with its zeros checked, its count what the
+    plan allows (N:M and dead layers exactly), and the report's layer, modality and global counts those counts,
+    never below the plan's totals (Step 1's per-modality count for a distribution). A mismatch is an error."""
+    totals: dict[str, list[int]] = {}
+    for p in plans:
+        name, need = p.layer.name, planned_count(p, config)
+        if not p.written:
+            raise MultiflowError(f"layer {name} was not found in the files written")
+        exact = p.dead or config.structure.is_n_m
+        if p.pruned < need or (exact and p.pruned != need) or p.pruned > p.layer.numel:
+            raise MultiflowError(f"layer {name}: {p.pruned} weights pruned, the plan says "
+                                 f"{'exactly' if exact else 'at least'} {need}")
+        if report["layers"][name]["pruned"] != p.pruned:
+            raise MultiflowError(f"layer {name}: the report says {report['layers'][name]['pruned']} pruned, "
+                                 f"{p.pruned} were written")
+        t = totals.setdefault(p.layer.modality, [0, 0])
+        t[0], t[1] = t[0] + p.pruned, t[1] + need
+    stats = dist.modality_stats() if dist is not None and config.group == "layer" else {}
+    for m, (pruned, need) in totals.items():
+        if m in stats and stats[m]["pruned_params"] != need:
+            raise MultiflowError(f"modality {m}: the layer plans prune {need} weights, the distribution "
+                                 f"{stats[m]['pruned_params']}")
+        if report["modalities"][m]["pruned"] != pruned or pruned < need:
+            raise MultiflowError(f"modality {m}: {pruned} weights pruned, the report says "
+                                 f"{report['modalities'][m]['pruned']} and the plan at least {need}")
+    if report["global"]["pruned"] != sum(t[0] for t in totals.values()):
+        raise MultiflowError("the report's global pruned count is not the sum of its layers")
 
 
 def masker_for(config: PruneConfig, inventory: Inventory, progress: bool = False):
@@ -260,6 +346,8 @@ def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats
     of a `statistics.collect_statistics` run), needed by wanda and multiflow. `rules`: as Step 1's.
     Returns the report (`prune`'s fields without the file ones).
     """
+    if method == "sparsegpt":
+        raise MultiflowError(SPARSEGPT_NEEDS_RUN)
     config = PruneConfig(model=_IN_MEMORY, output=_IN_MEMORY, target_sparsity=target_sparsity,
                          stats=None if method == "magnitude" else _IN_MEMORY, method=method, allocation=allocation,
                          group=group, structure=Structure.parse(structure), dead_layers=dead_layers)
@@ -271,25 +359,28 @@ def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats
         for p in plans:
             weight = p.layer.handle
             sq_mean = None if method == "magnitude" else stats[p.layer.name].sq_mean
-            keep = layer_mask(weight.detach().cpu(), p, config, sq_mean).to(weight.device)
+            keep = checked_mask(weight.detach().cpu(), p, config, sq_mean).to(weight.device)
             weight.masked_fill_(~keep, 0)
-            p.pruned = int(keep.numel() - keep.sum())
+            p.pruned, p.written = int(keep.numel() - keep.sum()), True
     report = _report(config, inventory, plans, dist, None, None)
+    check_achieved(plans, config, report, dist)
     for key in ("model", "input_sha256"):
         report.pop(key)
     return report
 
 
 def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any] | None = None,
-          planned: tuple[list[LayerPlan], Distribution | None] | None = None) -> dict[str, Any]:
+          planned: tuple[list[LayerPlan], Distribution | None] | None = None,
+          timings: dict[str, float] | None = None, updated=None) -> dict[str, Any]:
     """Step 3: write the pruned checkpoint folder; return the report (also saved as multiflow_report.json).
 
-    `planned`: `plan(config, ...)`'s result when the caller already made it (sequential calibration)."""
-    output = Path(config.output)
-    if output.resolve() == Path(config.model).resolve():
-        raise MultiflowError(f"--output {output} is the input model folder; write the pruned copy elsewhere")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not config.overwrite:
-        raise MultiflowError(f"--output {output} exists and is not empty; pass --overwrite or choose another folder")
+    `planned`: `plan(config, ...)`'s result when the caller already made it (sequential calibration).
+    `timings`: earlier stages' seconds, listed first in the report's "timings".
+    `updated(layer name, tensor) -> keep mask` writes a layer's new weights into its tensor instead of
+    masking it (--method sparsegpt, --update obs: `reconstruction.SparseGPTStep.updated`)."""
+    if config.reconstructs and updated is None:
+        raise MultiflowError(SPARSEGPT_NEEDS_RUN if config.method == "sparsegpt" else UPDATE_NEEDS_RUN)
+    target = FolderOutput(config.output, output_inputs(config), config.overwrite)
     inventory = layers_mod.from_checkpoint(config.model, config.rules)
     if any(e.begin is None for e in list_tensors(config.model, allow_pickle=True)):
         raise MultiflowError(f"{config.model} holds pickled weights; convert them to safetensors before pruning")
@@ -301,37 +392,37 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
     plans, dist = planned if planned is not None else plan(config, inventory, progress, stats)
     planned_at = time.perf_counter()
     by_key = {(p.layer.handle.file, p.layer.handle.key): p for p in plans}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        digest = _write_pruned(Path(config.model), tmp, by_key, config, stats, progress)
+    with target.building() as tmp:
+        digest = _write_pruned(Path(config.model), tmp, by_key, config, stats, progress, updated)
         report = _report(config, inventory, plans, dist, stats_meta if calibration is None else calibration, digest)
-        report["timings"] = {"distribute_seconds": round(planned_at - started, 3),
+        check_achieved(plans, config, report, dist)
+        report["timings"] = {**(timings or {}), "distribute_seconds": round(planned_at - started, 3),
                              "prune_seconds": round(time.perf_counter() - planned_at, 3)}
         if dist is not None:
             from multiflow.plots import plot_distribution
 
-            name = f"sparsity_distribution_{dist.target_sparsity:g}"
+            name = f"sparsity_distribution_{target_name(dist.target_sparsity)}"
             dist.save(tmp / f"{name}.json")
             plot_distribution(dist, tmp / f"{name}.png")
-        write_atomic(tmp / "multiflow_report.json", json.dumps(report, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_atomic(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _write_pruned(src: Path, dst: Path, by_key: dict, config: PruneConfig, stats, progress: bool) -> str:
+def output_inputs(config: PruneConfig) -> dict[str, Path | None]:
+    """The inputs a prune output must keep clear of (never inside, over or around them)."""
+    return {"the input model folder": config.model, "the --stats file": config.stats,
+            "the --distribution file": config.distribution, "the --rules file": config.rules}
+
+
+def _write_pruned(src: Path, dst: Path, by_key: dict, config: PruneConfig, stats, progress: bool,
+                  updated=None) -> str:
     """Copy every file of src into dst, zeroing pruned weights; returns sha256 of the input weight files."""
     entries = list_tensors(src)
     files = list(dict.fromkeys(e.file for e in entries))
     digest = hashlib.sha256()
     for path in sorted(src.iterdir()):
         if path.is_file() and path not in files and path.suffix not in _WEIGHT_SUFFIXES:
-            shutil.copy2(path, dst / path.name)
+            shutil.copyfile(path, dst / path.name)  # a new file: its mode follows the umask
     bar = tqdm(total=sum(e.end - e.begin for e in entries), unit="B", unit_scale=True,
                desc="Step 3: pruning", disable=not progress)
     with bar:
@@ -349,15 +440,46 @@ def _write_pruned(src: Path, dst: Path, by_key: dict, config: PruneConfig, stats
                                              "re-save the checkpoint with safetensors")
                     raw = tensor.reshape(-1).view(torch.uint8)
                     digest.update(memoryview(raw.numpy()))
+                    check_finite(tensor, entry.key, entry.file)
                     p = by_key.get((entry.file, entry.key))
+                    if p is not None and updated is not None:  # sparsegpt: its updated weights and mask
+                        keep = updated(p.layer.name, tensor)
+                    elif p is not None:
+                        keep = checked_mask(tensor, p, config, stats[p.layer.name].sq_mean if stats else None,
+                                            entry.file)
                     if p is not None:
-                        keep = layer_mask(tensor, p, config, stats[p.layer.name].sq_mean if stats else None)
                         tensor.masked_fill_(~keep, 0)
-                        p.pruned = int(keep.numel() - keep.sum())
+                        p.pruned = keep.numel() - int(torch.count_nonzero(keep))
+                        _check_zeros(raw, tensor, entry, p, config, sparsegpt=updated is not None)
+                        p.written = True
                     out.write(memoryview(raw.numpy()))
                     position = entry.end
                     bar.update(entry.end - entry.begin)
     return digest.hexdigest()
+
+
+def _check_zeros(raw: torch.Tensor, tensor: torch.Tensor, entry, p: LayerPlan, config: PruneConfig,
+                 sparsegpt: bool) -> None:
+    """The zeros in the bytes about to be written, counted: at least the pruned count, and exactly it where
+    no kept weight can be zero (a kept score is above a threshold >= 0, so its |W| > 0: layer or row group with
+    k > 0; dead layers). N:M, k = 0 and SparseGPT can keep a weight that is zero."""
+    written = raw.view(entry.dtype)
+    if written.data_ptr() != tensor.data_ptr() or written.numel() != tensor.numel():
+        raise MultiflowError(f"layer {p.layer.name}: the data written for {entry.key!r} is not the pruned tensor; "
+                             "nothing was written")
+    zeros = written.numel() - int(torch.count_nonzero(written))
+    exact = p.dead or (not sparsegpt and not config.structure.is_n_m and p.k > 0)
+    if zeros < p.pruned or (exact and zeros != p.pruned):
+        raise MultiflowError(f"layer {p.layer.name}: {zeros} zeros in the data written for {entry.key!r}, but "
+                             f"{p.pruned} weights pruned; nothing was written")
+
+
+def _method_fields(config: PruneConfig) -> dict[str, Any]:
+    """The report's record of the weight update and of the score a score-based allocation planned from."""
+    by_scores = config.allocation in SCORE_ALLOCATIONS and not config.structure.is_n_m
+    return {"update": "obs" if config.reconstructs else "none",
+            "obs": {"blocksize": config.blocksize, "percdamp": config.percdamp} if config.reconstructs else None,
+            "allocation_score": config.allocation_score if by_scores else None}
 
 
 def _report(config, inventory, plans, dist, calibration, digest) -> dict[str, Any]:
@@ -390,6 +512,7 @@ def _report(config, inventory, plans, dist, calibration, digest) -> dict[str, An
                       "safetensors": safetensors.__version__},
         "model": str(config.model), "naming": inventory.naming, "input_sha256": digest,
         "method": config.method, "allocation": None if config.structure.is_n_m else config.allocation,
+        **_method_fields(config),
         "group": config.group, "structure": str(config.structure), "dead_layers": config.dead_layers,
         "dead_layer_names": inventory.dead_layers(),
         "target_sparsity": config.target_sparsity if dist is None else dist.target_sparsity,

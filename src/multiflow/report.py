@@ -250,3 +250,22 @@ def render_eval(results: dict) -> str:
     for line in _table(rows, set(range(1, len(rows[0])))):
         w(line)
     return out.getvalue()
+
+
+def render_perplexity(results: dict) -> str:
+    """`multiflow eval` on a plain language model: perplexity, and drift from the dense model."""
+    out = io.StringIO()
+    w = lambda line="": print(line, file=out)  # noqa: E731
+    w(f"Model: {results['model']}   data: {results['data']}")
+    if results.get("reference_model"):
+        w(f"Reference (dense): {results['reference_model']}")
+    w(f"{results['windows']} window(s) of {results['seq_len']} tokens ({results['windows_available']} in the text), "
+      f"{results['tokens']:,} predicted tokens")
+    rows = [["Perplexity", "Mean NLL"] + (["KL(dense||model)", "Top-1 agree"] if "kl" in results else [])]
+    row = [f"{results['perplexity']:.4f}", f"{results['nll']:.4f}"]
+    if "kl" in results:
+        row += [f"{results['kl']:.4g}", _pct(results["top1_agreement"])]
+    rows.append(row)
+    for line in _table(rows, set(range(len(row)))):
+        w(line)
+    return out.getvalue()

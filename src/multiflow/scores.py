@@ -2,12 +2,22 @@
 
 `sq_mean[j]` is the mean of x_j^2 over calibration tokens (the Step 2 statistic);
 `a_j = sqrt(sq_mean[j])`. All scores are float32 tensors shaped like W
-(out x in), compared only inside one layer (no normalisation).
+(out x in), compared only inside one layer (no normalisation). Higher = more
+important. `SCORES` is the registry `--method` chooses from (`score(name, ...)`;
+an unknown name is an error). `tile_scorer` gives the same scores on tiles of
+weights that SparseGPT's OBS update keeps changing (`--update obs`).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+from multiflow.errors import MultiflowError
+
+ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (weight [out, in], sq_mean [in]) -> scores
+TileScorer = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]  # sparsegpt_prune's `score` hook
 
 
 def activation_norm(sq_mean: torch.Tensor) -> torch.Tensor:
@@ -15,24 +25,112 @@ def activation_norm(sq_mean: torch.Tensor) -> torch.Tensor:
     return sq_mean.float().sqrt()
 
 
-def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
-    """|W_ij|."""
+def magnitude_score(weight: torch.Tensor, sq_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """magnitude: |W_ij| (no calibration statistics)."""
     return weight.float().abs()
 
 
 def wanda_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
-    """Wanda (Sun et al. 2023): |W_ij| * a_j."""
+    """wanda: |W_ij| * a_j (Wanda, Sun et al. 2023)."""
     return weight.float().abs().mul_(activation_norm(sq_mean)[None, :])
 
 
+def _flow(weight: torch.Tensor, sq_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(|W| as float32, imp_out, imp_in) of MULTIFLOW's Eq. 6."""
+    score = weight.float().abs()
+    a = activation_norm(sq_mean)
+    imp_out = (score @ a) / score.shape[1]
+    imp_in = a * score.sum(dim=0) / score.shape[0]
+    return score, imp_out, imp_in
+
+
 def multiflow_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
-    """MULTIFLOW information flow (paper Eq. 6): S_ij = imp_out[i] * |W_ij| * imp_in[j].
+    """multiflow: information flow imp_out[i] * |W_ij| * imp_in[j] (MULTIFLOW, paper Eq. 6; the default).
 
     imp_out[i] = mean_j |W_ij| a_j (how much signal output neuron i carries),
     imp_in[j]  = mean_i |W_ij| a_j (how much signal input neuron j sends).
     """
-    score = weight.float().abs()  # one full-size buffer, scaled in place (7B layers are 45M weights)
-    a = activation_norm(sq_mean)
-    imp_out = (score @ a) / score.shape[1]
-    imp_in = a * score.sum(dim=0) / score.shape[0]
+    score, imp_out, imp_in = _flow(weight, sq_mean)  # one full-size buffer, scaled in place (7B: 45M weights)
     return score.mul_(imp_out[:, None]).mul_(imp_in[None, :])
+
+
+def _ria_parts(weight: torch.Tensor, sq_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum_k |W_ik| per row i, sum_k |W_kj| per column j, a_j^0.5) of RIA."""
+    w = weight.float().abs()
+    return w.sum(dim=1), w.sum(dim=0), activation_norm(sq_mean).sqrt()
+
+
+def _ria(w_abs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """(|W_ij| / rows_i + |W_ij| / cols_j) * act_j in place on w_abs; a zero sum is replaced by 1 (its |W| are
+    all zero in the plain score, so the term is 0)."""
+    by_col = w_abs / torch.where(cols > 0, cols, 1)[None, :]
+    return w_abs.div_(torch.where(rows > 0, rows, 1)[:, None]).add_(by_col).mul_(act[None, :])
+
+
+def ria_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
+    """ria: (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * a_j^0.5 (RIA, Zhang et al., ICLR 2024).
+
+    Relative importance and activations ("Plug-and-Play: An Efficient Post-training
+    Pruning Method for Large Language Models", Eq. 3 with a = 0.5): each weight's share
+    of its output row's and of its input column's total |W|, times ||X_j||_2^0.5. As in
+    the authors' code (biomedical-cybernetics/Relative-importance-and-activation-pruning,
+    lib/prune.py: `(|W|/sum(|W|, dim=0) + |W|/sum(|W|, dim=1)) * sqrt(scaler_row)**a`),
+    where sqrt(scaler_row) is ||X_j|| up to a factor common to the layer, so a_j gives
+    the same order within a layer. A row or column with no non-zero weight adds 0.
+    """
+    rows, cols, act = _ria_parts(weight, sq_mean)
+    return _ria(weight.float().abs(), rows, cols, act)
+
+
+SCORES: dict[str, ScoreFn] = {
+    "multiflow": multiflow_score,
+    "wanda": wanda_score,
+    "magnitude": magnitude_score,
+    "ria": ria_score,
+}
+NO_STATISTICS = ("magnitude",)  # scores that read no calibration statistic
+
+
+def check_score(name: str, flag: str = "--method") -> str:
+    if name not in SCORES:
+        raise MultiflowError(f"{flag} {name!r}: no such score; choose one of {', '.join(SCORES)}")
+    return name
+
+
+def score(name: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> torch.Tensor:
+    """SCORES[name](weight, sq_mean); an unknown name is an error (never a fallback to another score)."""
+    if name not in NO_STATISTICS and sq_mean is None:
+        raise MultiflowError(f"--method {name} needs activation statistics (sq_mean), got none")
+    return SCORES[check_score(name)](weight, sq_mean)
+
+
+def describe(name: str) -> str:
+    """A score's one-line description for --help: the first line of its docstring."""
+    return SCORES[check_score(name)].__doc__.strip().splitlines()[0].rstrip(".")
+
+
+def tile_scorer(name: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> TileScorer:
+    """`SCORES[name]` as sparsegpt_prune's `score` hook, for the OBS update (`--update obs`).
+
+    SparseGPT chooses each tile's mask from the current, already updated weights, so the
+    element term |W_ij| is taken from the tile it is given. The row and column
+    aggregates (multiflow's imp_out and imp_in, RIA's row and column sums of |W|) are
+    whole-matrix quantities: they are computed once, from `weight` as the layer stood
+    before its update started (SparseGPT's own saliency w^2/d^2 likewise uses only
+    fixed factors besides the current w). `sq_mean` is the statistic on the same
+    inputs as the Hessian (H_jj / 2). On `weight` itself, any tile's scores equal
+    `SCORES[name](weight, sq_mean)[:, columns]` bit for bit (tested).
+    """
+    check_score(name)
+    if name == "magnitude":
+        return lambda tile, d, columns: tile.float().abs()
+    if name == "wanda":
+        a = activation_norm(sq_mean)
+        return lambda tile, d, columns: tile.float().abs().mul_(a[None, columns])
+    if name == "multiflow":
+        _, imp_out, imp_in = _flow(weight, sq_mean)
+        return lambda tile, d, columns: tile.float().abs().mul_(imp_out[:, None]).mul_(imp_in[None, columns])
+    if name == "ria":
+        rows, cols, act = _ria_parts(weight, sq_mean)
+        return lambda tile, d, columns: _ria(tile.float().abs(), rows, cols[columns], act[columns])
+    raise AssertionError(f"score {name!r} has no tile scorer")  # a new SCORES entry must be added here

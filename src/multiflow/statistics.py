@@ -10,6 +10,10 @@ Layers whose inputs line up with the prompt's token positions (a language
 model's) use the attention mask, and can also be split by token type (image
 vs text positions). Other layers (a vision tower, a projector) see no padding:
 every row of their input counts.
+
+Non-finite sums (a NaN or inf activation, or a square beyond float32) stop the
+run at the first layer, in forward order, whose batch sum shows them: the
+statistic of every later layer would be wrong too.
 """
 
 from __future__ import annotations
@@ -108,6 +112,19 @@ class Collector:
         finally:
             self._batch.paused = False
 
+    def counted_rows(self, name: str, x: torch.Tensor) -> torch.Tensor | None | bool:
+        """For other per-layer accumulators (SparseGPT's Hessians): False while paused, else the bool mask of
+        x's leading dims that count for layer `name` (non-padding tokens) or None when every row counts."""
+        b = self._batch
+        if b.paused:
+            return False
+        if name not in self.aligned:
+            return None
+        if b.keep is None or tuple(x.shape[:-1]) != tuple(b.keep.shape):
+            raise MultiflowError(f"layer {name} got input of shape {list(x.shape)} but the batch mask is "
+                                 f"{None if b.keep is None else list(b.keep.shape)}")
+        return b.keep.to(x.device)
+
     def _sums(self, x: torch.Tensor, aligned: bool) -> dict[str, tuple[torch.Tensor, int]]:
         # q/k/v (and gate/up) read the same input tensor object: compute its sums once (keyed on that
         # object itself; a detached copy would be a new object every call and never hit).
@@ -143,7 +160,13 @@ class Collector:
             if not isinstance(x, torch.Tensor) or x.shape[-1] != stats.in_features:
                 raise MultiflowError(f"layer {name}: expected an input with {stats.in_features} features")
             with torch.no_grad():
-                for kind, (sq_sum, tokens) in self._sums(x, aligned).items():
+                sums = self._sums(x, aligned)
+                if not bool(torch.isfinite(sums["all"][0]).all()):  # one check per layer and batch, not per element
+                    raise MultiflowError(
+                        f"layer {name} is the first to see non-finite calibration activations (NaN or inf, or "
+                        f"squares beyond float32) in its {x.dtype} input: the model overflows on this data; "
+                        "calibrate with --dtype float32, or check the checkpoint's weights")
+                for kind, (sq_sum, tokens) in sums.items():
                     target = stats.all if kind == "all" else stats.by_type.setdefault(kind, RunningMean())
                     target.add(sq_sum, tokens)
 

@@ -72,8 +72,40 @@ def load_stats(path: str | Path) -> tuple[dict[str, LayerStats], dict[str, Any]]
             by_type = {}
             for kind in ("image", "text"):
                 if f"{name}.tokens.{kind}" in tensors:
-                    by_type[kind] = (tensors.get(f"{name}.sq_mean.{kind}"), int(tensors[f"{name}.tokens.{kind}"][0]))
-            stats[name] = LayerStats(tensors.get(f"{name}.sq_mean"), int(tensors[key][0]), by_type)
+                    by_type[kind] = (_sq_mean(tensors, f"{name}.sq_mean.{kind}", path),
+                                     _tokens(tensors, f"{name}.tokens.{kind}", path))
+            stats[name] = LayerStats(_sq_mean(tensors, f"{name}.sq_mean", path), _tokens(tensors, key, path), by_type)
+            for kind, (mean, tokens) in {"": (stats[name].sq_mean, stats[name].tokens), **by_type}.items():
+                if (mean is None) != (tokens == 0):
+                    raise MultiflowError(f"{path}: layer {name}{' (' + kind + ' tokens)' if kind else ''} has "
+                                         f"{tokens} tokens but {'no' if mean is None else 'a'} sq_mean; the file is "
+                                         "corrupt: recalibrate")
     if not stats:
         raise MultiflowError(f"{path} holds no multiflow statistics (no '<layer>.tokens' tensors)")
     return stats, meta
+
+
+def _tokens(tensors: dict[str, torch.Tensor], key: str, path: Path) -> int:
+    """A token count: one non-negative integer."""
+    t = tensors[key]
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.numel() != 1 or int(t.reshape(-1)[0]) < 0:
+        raise MultiflowError(f"{path}: {key} must be one non-negative integer (got {t.dtype} "
+                             f"{t.reshape(-1)[:3].tolist()}); the file is corrupt: recalibrate")
+    return int(t.reshape(-1)[0])
+
+
+def _sq_mean(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor | None:
+    """A mean of squares: a 1-D float vector of finite, non-negative values (or absent)."""
+    t = tensors.get(key)
+    if t is None:
+        return None
+    if not t.dtype.is_floating_point or t.dim() != 1:
+        raise MultiflowError(f"{path}: {key} must be a 1-D float vector, not {t.dtype} of shape {list(t.shape)}; "
+                             "the file is corrupt: recalibrate")
+    bad = ~torch.isfinite(t) | (t < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise MultiflowError(f"{path}: {key} holds {int(bad.sum())} NaN, inf or negative values (feature {i}: "
+                             f"{float(t[i])}); a mean of squares is finite and >= 0: recalibrate (with --dtype "
+                             "float32 if the model overflows)")
+    return t

@@ -1,0 +1,212 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023): one layer's mask and OBS weight update. Pure tensor math.
+
+`HessianAccumulator` sees one layer's inputs (`add_batch`) and keeps the running
+sum X^T X in float64 with its token count (padding excluded by a mask);
+`hessian()` is H = 2 X^T X / n. `sparsegpt_prune(weight, H, k)` returns the
+updated weight and its keep-mask, as the reference code (`fasterprune`) does:
+
+1. Dead inputs (H_jj = 0: the feature was exactly zero on every calibration
+   token) get H_jj = 1 and W[:, j] = 0; they are pruned before any other weight.
+2. Dampening: H += percdamp * mean(diag H) * I (1% by default).
+3. U = the upper Cholesky factor of H^-1 (Cholesky of H, its inverse, Cholesky
+   again; float64). Row q of U / U_qq is row q of the inverse of H restricted to
+   the columns q.. (the ones not yet processed), so the update below is the
+   optimal brain surgeon (OBS) update for the remaining columns.
+4. Columns are processed left to right in blocks of `blocksize`. At the start of
+   a block the mask of the whole (rows x block) tile is chosen from the current
+   (already updated) weights by saliency w^2 / d^2, d = diag(U) (or by `score`).
+   Then column by column: pruned weights are zeroed, and the error
+   (w_q - 0) / U_qq times U[q, q:] is subtracted from the columns q.. of the
+   block; after the block, its errors update every later column at once.
+
+Counts (where this differs from the reference code, on purpose): `k` is exact.
+The reference prunes the lowest `sparsity` fraction of each tile by threshold
+(`sorted[int(numel * s)]`, ties included: one or more extra per block). Here
+the dead weights (D of them) are pruned and counted first, and the other k - D
+are split over the blocks in proportion to their live weights (`block_counts`:
+floor(r * end / total) - floor(r * start / total) over the cumulative live
+counts, which sums to r exactly); each tile prunes exactly its share plus its
+dead weights. `group="row"`: k is per row, split the same way over each row's
+blocks. Only when k < D does a layer prune more than k (its dead inputs are
+zero whatever k says, as in the reference). Ties in the score: the earlier
+position (row-major in the tile) is kept, the same rule as `masks.n_m_mask`.
+
+N:M (`structure=(n, m)`): n weights KEPT in every m consecutive inputs of a row
+(2:4 keeps 2). The group's mask is chosen when the runner reaches its first
+column, from the weights as updated so far, as the reference code does. The
+block size is rounded down to a multiple of m (at least m) so no group straddles
+two blocks. Dead inputs rank lowest in their group; a group with more than m - n
+of them keeps the rest in the mask (zero all the same).
+
+`score` replaces the saliency as the selection criterion, keeping the OBS update
+(e.g. MULTIFLOW's information-flow scores, "multiflow + reconstruction"):
+either a tensor shaped like the weight (a fixed score, sliced per tile) or a
+callable `(w_tile, d_tile, columns) -> scores` called with the current tile
+weights [rows, c], the matching d [c] and the tile's column slice. Higher is
+more important; the lowest are pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+
+from multiflow import masks
+
+Score = Union[torch.Tensor, Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]]
+
+
+class HessianAccumulator:
+    """Running X^T X (float64) and token count of one layer's inputs; activations are never kept."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.device = device
+        self.xtx: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x: [..., in_features]; mask: bool over x's leading dims (True = a real token), or None for all rows."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features)
+        if mask is not None:
+            mask = mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
+            if mask.shape[0] != rows.shape[0]:
+                raise ValueError(f"mask covers {mask.shape[0]} positions, input has {rows.shape[0]}")
+            rows = rows[mask]
+        rows = rows.double()
+        if self.xtx is None:
+            device = self.device if self.device is not None else rows.device
+            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
+        self.xtx.addmm_(rows.T.to(self.xtx.device), rows.to(self.xtx.device))
+        self.tokens += rows.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n (float64)."""
+        if not self.tokens:
+            raise ValueError("no calibration token was seen")
+        return self.xtx * (2.0 / self.tokens)
+
+
+def obs_saliency(w: torch.Tensor, d: torch.Tensor, columns: slice) -> torch.Tensor:
+    """SparseGPT's selection criterion w^2 / d^2 (d: the diagonal of the upper Cholesky factor of H^-1)."""
+    return w.square() / d.square()[None, :]
+
+
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): U = upper Cholesky factor of (H + damp I)^-1 in float64, after dead inputs got H_jj = 1."""
+    h = hessian.detach().to(torch.float64).clone()
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"the Hessian must be square, got {tuple(h.shape)}")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(percdamp * torch.mean(torch.diagonal(h)))
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        raise ValueError(f"the dampened Hessian is not positive definite (percdamp={percdamp}); raise percdamp "
+                         "or calibrate with more tokens")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True), dead
+
+
+def block_counts(k: int, sizes: list[int]) -> list[int]:
+    """k split over consecutive blocks in proportion to their sizes; sums to k exactly (k <= sum(sizes))."""
+    total, out, before = sum(sizes), [], 0
+    for size in sizes:
+        out.append(k * (before + size) // total - k * before // total if total else 0)
+        before += size
+    return out
+
+
+def _prune_lowest(score: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+    """True at the k lowest scores of the tile (per row: of each row); ties: the earlier position is kept."""
+    if per_row:
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices
+        prune = torch.ones_like(score, dtype=torch.bool)
+        return prune.scatter_(1, order[:, : score.shape[1] - k], False)
+    order = torch.sort(score.reshape(-1), descending=True, stable=True).indices
+    prune = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    prune[order[: score.numel() - k]] = False
+    return prune.reshape(score.shape)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, k: int | None = None, *,
+                    sparsity: float | None = None, group: str = "layer", structure: tuple[int, int] | None = None,
+                    blocksize: int = 128, percdamp: float = 0.01, score: Score | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one layer with SparseGPT; returns (new weight in weight's dtype, keep mask: True = kept).
+
+    weight: [out, in]; hessian: [in, in] (e.g. `HessianAccumulator.hessian()`).
+    k: how many weights to prune (`group="layer"`) or per row (`group="row"`); or `sparsity`, giving
+    k = floor(sparsity * size). Ignored with `structure=(n, m)` (n kept of every m).
+    dtype: the weight update's precision, default float32 (as the reference code) or float64 for a float64
+    weight; U is computed in float64 either way.
+    Exactly k weights (per row) are pruned (more only if the dead inputs alone hold more than k);
+    pruned weights are exactly 0 in the result.
+    """
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"the Hessian is {tuple(hessian.shape)}, the weight has {cols} inputs")
+    if group not in ("layer", "row"):
+        raise ValueError(f"group {group!r}: choose layer or row")
+    size = cols if group == "row" else rows * cols
+    if structure is not None:
+        n, m = structure
+        if not 0 < n < m or cols % m:
+            raise ValueError(f"N:M {n}:{m} needs 0 < N < M and in_features ({cols}) a multiple of M")
+        blocksize = max(m, blocksize - blocksize % m)
+    else:
+        if (k is None) == (sparsity is None):
+            raise ValueError("give exactly one of k and sparsity")
+        if k is None:
+            k = masks.count_for(sparsity, size)
+        if not 0 <= k <= size:
+            raise ValueError(f"k={k} outside 0..{size}")
+    if blocksize < 1:
+        raise ValueError(f"blocksize {blocksize}: give at least 1")
+    if score is None:
+        score = obs_saliency
+    if isinstance(score, torch.Tensor) and score.shape != weight.shape:
+        raise ValueError(f"score is {tuple(score.shape)}, the weight {tuple(weight.shape)}")
+
+    u64, dead = inverse_cholesky(hessian.to(weight.device), percdamp)
+    starts = range(0, cols, blocksize)
+    if structure is None:  # per block (per row of it with group row): its dead weights + its share of the rest
+        dead_in = [int(dead[i : i + blocksize].sum()) for i in starts]
+        live_in = [min(blocksize, cols - i) - d for i, d in zip(starts, dead_in)]
+        per = 1 if group == "row" else rows
+        shares = block_counts(max(k - per * sum(dead_in), 0), [per * n for n in live_in])
+        counts = [per * d + share for d, share in zip(dead_in, shares)]
+    dtype = dtype or torch.promote_types(weight.dtype, torch.float32)
+    u = u64.to(dtype)
+    w = weight.detach().to(dtype).clone()
+    w[:, dead] = 0
+    prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+
+    def tile_score(tile: torch.Tensor, d: torch.Tensor, columns: slice) -> torch.Tensor:
+        s = score[:, columns] if isinstance(score, torch.Tensor) else score(tile, d, columns)
+        s = s.to(device=w.device, dtype=torch.float64).clone()
+        s[:, dead[columns]] = -torch.inf  # dead inputs are zero already: pruned first
+        return s
+
+    for b, i1 in enumerate(starts):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = u[i1:i2, i1:i2]
+        d = torch.diagonal(u1)
+        err1 = torch.zeros_like(w1)
+        if structure is None:
+            prune[:, i1:i2] = _prune_lowest(tile_score(w1, d, slice(i1, i2)), counts[b], group == "row")
+        for i in range(i2 - i1):
+            if structure is not None and i % m == 0:
+                cols_nm = slice(i1 + i, i1 + i + m)
+                prune[:, cols_nm] = ~masks.n_m_mask(tile_score(w1[:, i : i + m], d[i : i + m], cols_nm), n, m)
+            q = w1[:, i].masked_fill(prune[:, i1 + i], 0)
+            err = (w1[:, i] - q) / d[i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w.to(weight.dtype), ~prune
