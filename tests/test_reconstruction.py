@@ -151,8 +151,6 @@ def test_refusals_are_clear(demo, jsonl, tmp_path, capsys):
     assert main(["prune", "--model", str(folder), "--output", str(tmp_path / "q"), "--target-sparsity", "0.5",
                  "--method", "sparsegpt"]) == 2
     assert "multiflow run --method sparsegpt" in capsys.readouterr().err
-    with pytest.raises(MultiflowError, match="--allocation owl"):
-        multiflow.run(folder, tmp_path / "o", 0.5, data=jsonl, nsamples=2, method="sparsegpt", allocation="owl")
     with pytest.raises(MultiflowError, match="--whole-model"):
         multiflow.run(folder, tmp_path / "w", 0.5, data=jsonl, nsamples=2, method="sparsegpt", whole_model=True)
     with pytest.raises(MultiflowError, match="one pass"):

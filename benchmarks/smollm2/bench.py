@@ -89,13 +89,14 @@ def dense(args, work: Path) -> dict:
 def grid(args) -> list[dict]:
     configs = []
     for s, seed in itertools.product(args.sparsities, args.seeds):
-        for method, allocation, group in itertools.product(args.methods, args.allocations, args.groups):
+        triples = ([tuple(c.split("/")) for c in args.configs] if args.configs else
+                   itertools.product(args.methods, args.allocations, args.groups))
+        for method, allocation, group in triples:
             if method == "magnitude" and seed != args.seeds[0]:
                 continue  # magnitude uses no data
-            if s == "2:4" and (allocation != args.allocations[0] or group != args.groups[0]):
-                continue  # N:M fixes every layer's sparsity
-            if method == "sparsegpt" and group == "row":
-                continue
+            if s == "2:4" and any(c["method"] == method and c["sparsity"] == s and c["seed"] == seed
+                                  for c in configs):
+                continue  # N:M fixes every layer's sparsity: one run per method
             configs.append({"method": method, "allocation": "-" if s == "2:4" else allocation,
                             "group": "-" if s == "2:4" else group, "sparsity": s, "seed": seed})
     return configs
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS))
     parser.add_argument("--groups", nargs="+", default=list(GROUPS))
+    parser.add_argument("--configs", nargs="+", default=None, metavar="METHOD/ALLOCATION/GROUP",
+                        help="run these combinations instead of the product of --methods, --allocations, --groups")
     parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")

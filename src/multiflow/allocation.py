@@ -3,7 +3,7 @@
 Step 1 gives each layer the share of a modality's weights that fall under one
 magnitude threshold, so a layer whose weights are small because of how it was
 initialised (not because they matter) is pruned hardest. Two variants that look
-at the scores (multiflow, wanda or magnitude: `--method`) instead:
+at the scores (`--method`'s, any of `scores.SCORES`; wanda's for sparsegpt) instead:
 
 - `scores`: one threshold per modality over per-layer-normalised scores (each
   layer's scores divided by their mean): the modality's k-th smallest

@@ -61,12 +61,13 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
               include_answers: bool = False, split_token_types: bool = False, rules=None, vision_tower=None,
               allow_pickle: bool = False, trust_remote_code: bool = False, whole_model: bool = False,
               samples_per_pass: int | None = None, device_map: str | None = None, progress: bool = False, masker=None,
-              overwrite: bool = False, seq_len: int = DEFAULT_SEQ_LEN, pruner=None):
+              overwrite: bool = False, seq_len: int = DEFAULT_SEQ_LEN, pruner=None, deterministic_report: bool = False):
     """Step 2: write the activation statistics of every prunable layer to `output`; returns (stats, metadata).
 
     Block by block unless `whole_model`: one block's weights in memory at a time. An existing
     `output` is replaced only with `overwrite`. A plain language model is calibrated on `nsamples`
-    windows of `seq_len` tokens of the text `data` (`text_data`).
+    windows of `seq_len` tokens of the text `data` (`text_data`). `deterministic_report`: the file's
+    metadata without the fields that vary between identical runs (`calibration.VOLATILE_META_FIELDS`).
     """
     from multiflow.calibration import CalibrationConfig
     from multiflow.calibration import calibrate as _calibrate
@@ -77,13 +78,14 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
         split_token_types=split_token_types, rules=None if rules is None else Path(rules),
         vision_tower=None if vision_tower is None else Path(vision_tower), allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, whole_model=whole_model, samples_per_pass=samples_per_pass,
-        device_map=device_map, overwrite=overwrite, seq_len=seq_len), progress, masker, pruner)
+        device_map=device_map, overwrite=overwrite, seq_len=seq_len, deterministic_report=deterministic_report),
+        progress, masker, pruner)
 
 
 def _prune_config(model, output, target_sparsity, distribution=None, stats=None, method: str = "multiflow",
                   allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
                   dead_layers: str = "keep", rules=None, overwrite: bool = False, update: str = "none",
-                  blocksize: int = 128, percdamp: float = 0.01):
+                  blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False):
     from multiflow.pruning import PruneConfig, Structure
 
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
@@ -91,20 +93,24 @@ def _prune_config(model, output, target_sparsity, distribution=None, stats=None,
         model=Path(model), output=given(output), target_sparsity=target_sparsity,
         distribution=as_path(distribution), stats=as_path(stats), method=method, allocation=allocation, group=group,
         structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite,
-        update=update, blocksize=blocksize, percdamp=percdamp)
+        update=update, blocksize=blocksize, percdamp=percdamp, deterministic_report=deterministic_report)
 
 
 def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *,
           distribution=None, stats=None, method: str = "multiflow", allocation: str = "modality",
           group: str = "layer", structure: str = "unstructured", dead_layers: str = "keep", rules=None,
-          overwrite: bool = False, progress: bool = False, calibration: dict | None = None) -> dict:
+          overwrite: bool = False, progress: bool = False, calibration: dict | None = None,
+          deterministic_report: bool = False) -> dict:
     """Step 3: write the pruned checkpoint folder `output`; returns the report (multiflow_report.json).
 
-    `output` must be new, empty, or (with `overwrite`) a previous multiflow output: never another folder."""
+    `output` must be new, empty, or (with `overwrite`) a previous multiflow output: never another folder.
+    `deterministic_report`: the report without the fields that vary between identical runs
+    (`pruning.VOLATILE_REPORT_FIELDS`: timings, peak memory), so that it is byte-identical."""
     from multiflow.pruning import prune as _prune
 
     return _prune(_prune_config(model, output, target_sparsity, distribution, stats, method, allocation, group,
-                                structure, dead_layers, rules, overwrite), progress, calibration)
+                                structure, dead_layers, rules, overwrite,
+                                deterministic_report=deterministic_report), progress, calibration)
 
 
 def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *, data=None,
@@ -114,13 +120,14 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
         vision_tower=None, whole_model: bool = False, samples_per_pass: int | None = None, device_map: str | None = None,
         sequential: bool = False, seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False, update: str = "none",
-        blocksize: int = 128, percdamp: float = 0.01) -> dict:
+        blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False) -> dict:
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
 
     `sequential`: each block is calibrated on the outputs of the already-pruned blocks before it
     (Step 1 runs first to fix every layer's count). `vision_tower` (original-layout LLaVA) serves
     calibration only: the pruned copy holds the checkpoint folder's own weights. The report's
-    "timings" gives each stage's seconds (Step 1 = distribute, Step 2 = calibrate, Step 3 = prune).
+    "timings" gives each stage's seconds (Step 1 = distribute, Step 2 = calibrate, Step 3 = prune),
+    left out with `deterministic_report` (as every field of `pruning.VOLATILE_REPORT_FIELDS`).
     `method="sparsegpt"` is always sequential: each block's layers are pruned and their weights updated
     from their inputs' Hessians as calibration reaches them (`reconstruction`). `update="obs"` does the
     same with the `method`'s score as the selection criterion (`blocksize`, `percdamp`: the update's).
@@ -141,7 +148,8 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     reconstructs = method == "sparsegpt" or update == "obs"
     sequential = sequential or reconstructs
     prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
-                      dead_layers=dead_layers, rules=rules, overwrite=overwrite)
+                      dead_layers=dead_layers, rules=rules, overwrite=overwrite,
+                      deterministic_report=deterministic_report)
     update_args = dict(update=update, blocksize=blocksize, percdamp=percdamp)
     if method == "magnitude" and not reconstructs:
         _prune_config(model, output, target_sparsity, **prune_args, **update_args)  # validates update's flags too

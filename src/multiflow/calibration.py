@@ -35,6 +35,8 @@ LLAVA_15_CHAT_TEMPLATE = (
 
 
 DEFAULT_SAMPLES_PER_PASS = 64
+# Metadata that differs between two runs with the same inputs and options (the statistics never do).
+VOLATILE_META_FIELDS = ("seconds", "peak_device_memory_gib")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class CalibrationConfig:
     device_map: str | None = None  # whole model spread over devices by accelerate ("auto")
     seq_len: int = DEFAULT_SEQ_LEN  # a plain language model: tokens per calibration window (text_data)
     overwrite: bool = False  # replace an existing output file
+    deterministic_report: bool = False  # metadata without VOLATILE_META_FIELDS: same inputs, same file bytes
 
     def __post_init__(self) -> None:
         if self.nsamples < 1:
@@ -171,6 +174,8 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
     }
     if loaded.device.type == "cuda":
         meta["peak_device_memory_gib"] = round(torch.cuda.max_memory_allocated(loaded.device) / 2**30, 3)
+    if config.deterministic_report:
+        meta = {k: v for k, v in meta.items() if k not in VOLATILE_META_FIELDS}
     _check_output(config)  # again: a file may have appeared there during the pass
     save_stats(config.output, stats, meta)
     return stats, meta

@@ -130,6 +130,14 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="replace --output when it is a previous multiflow output (it holds multiflow_report.json); "
                         "any other non-empty folder is never replaced")
     p.add_argument("--quiet", action="store_true", help="print only the output path (no report, no progress bars)")
+    _deterministic_arg(p)
+
+
+def _deterministic_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deterministic-report", action="store_true",
+                   help="leave out what differs between identical runs (seconds, peak memory: 'timings' and "
+                        "calibration.peak_device_memory_gib of multiflow_report.json, 'seconds' and "
+                        "'peak_device_memory_gib' of the statistics metadata): same inputs and options, same bytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output file; without it an existing one is an error")
     c.add_argument("--quiet", action="store_true", help="print only the output path (no report, no progress bar)")
+    _deterministic_arg(c)
 
     p = sub.add_parser(
         "prune",
@@ -228,14 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "answers: exact match after normalising case and punctuation (reported as 'accuracy') and "
                     "ROUGE-L; per question kind when the data names kinds. With --reference (the dense model), "
                     "also the mean token-level KL(dense || pruned) and top-1 agreement on the reference answers "
-                    "(teacher forcing). Same data formats as calibrate.",
+                    "(teacher forcing). Same data formats as calibrate. A plain language model (llama, qwen2, "
+                    "gemma...) gets perplexity instead: exp of the mean next-token NLL over non-overlapping "
+                    "windows of --seq-len tokens of the --data text, and with --reference KL and top-1 agreement.",
     )
     e.add_argument("--model", "--model_path", dest="model", metavar="PATH",
                    help="model folder to evaluate (default: the bundled demo model)")
     e.add_argument("--reference", metavar="PATH", help="dense model folder to compare against (KL, top-1 agreement)")
-    e.add_argument("--data", metavar="PATH", help="evaluation data (JSON/JSONL, datasets folder, parquet); "
+    e.add_argument("--data", metavar="PATH", help="evaluation data (JSON/JSONL, datasets folder, parquet; text "
+                   "for a plain language model, as for calibrate); "
                    "default: the demo model's evaluation split, or the bundled photographs")
-    e.add_argument("--nsamples", type=int, default=None, help="evaluate at most this many samples (default: all)")
+    e.add_argument("--nsamples", type=int, default=None,
+                   help="evaluate at most this many samples, or text windows (default: all)")
     e.add_argument("--seed", type=int, default=0, help="which samples, in which order, with --nsamples (default 0)")
     e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
                    help="samples per generation batch (default 8)")
@@ -365,7 +378,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         vision_tower=Path(args.vision_tower) if args.vision_tower else None,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, whole_model=args.whole_model,
         samples_per_pass=args.samples_per_pass, device_map=args.device_map, overwrite=args.overwrite,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len, deterministic_report=args.deterministic_report,
     )
     stats, meta = calibrate(config, progress=not args.quiet)
     if not args.quiet:
@@ -382,6 +395,7 @@ def _prune_config(args: argparse.Namespace, model: Path, stats: Path | None, dis
         stats=stats, method=args.method, allocation=args.allocation, group=args.group,
         structure=Structure.parse(args.structure), dead_layers=args.dead_layers,
         rules=Path(args.rules) if args.rules else None, overwrite=args.overwrite,
+        deterministic_report=args.deterministic_report,
     )
 
 
@@ -437,6 +451,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code, vision_tower=args.vision_tower, whole_model=args.whole_model,
         samples_per_pass=args.samples_per_pass, device_map=args.device_map, sequential=args.sequential,
         seq_len=args.seq_len, progress=not args.quiet, update=args.update, **obs,
+        deterministic_report=args.deterministic_report,
     )
     if not args.quiet:
         print(render_prune(report))
@@ -549,6 +564,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("multiflow: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (permissions, space, a vanished file): one line
+        log.debug("traceback", exc_info=True)
+        print(f"multiflow: error: {exc.filename or 'a file'}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # not foreseen: still one line; the traceback with --log-level DEBUG
+        log.debug("traceback", exc_info=True)
+        print(f"multiflow: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:500]} (rerun "
+              "with --log-level DEBUG for the traceback; please report it if the input looks valid)", file=sys.stderr)
+        return 1
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

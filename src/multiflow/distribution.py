@@ -218,8 +218,9 @@ def distribute(
             space = spaces[group_of(layer)]
             hist = selection.coarse_histogram(weight, space)
             if int(hist[space.nonfinite_key >> space.shift :].sum()):
-                where = f" (tensor {layer.handle.key!r} of {layer.handle.file})" if hasattr(layer.handle, "file") else ""
-                raise MultiflowError(f"layer {layer.name}{where} contains NaN or inf weights; fix or re-download "
+                entry = layer.handle
+                where = f" (tensor {entry.key!r} of {entry.file})" if hasattr(entry, "file") else ""
+                raise MultiflowError(f"layer {layer.name} contains NaN or inf weights{where}; fix or re-download "
                                      "the checkpoint")
             coarse[layer.name] = hist.to(torch.int32) if layer.numel < 2**31 else hist
             bar.update(layer.numel)

@@ -13,14 +13,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from multiflow.errors import MultiflowError
-
-log = logging.getLogger("multiflow")
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -73,6 +73,23 @@ def count_for(sparsity: float, size: int) -> int:
     return math.floor(sparsity * size)
 
 
+try:  # one pass instead of three for the layer-group check below; optional, as in `selection`
+    import numba
+
+    @numba.njit(nogil=True, cache=True)
+    def _threshold_counts(score, keep, t):  # pragma: no cover - compiled
+        mismatched = below = 0
+        for i in range(score.shape[0]):
+            if (score[i] > t) != keep[i]:
+                mismatched += 1
+            if score[i] < t:
+                below += 1
+        return mismatched, below
+
+except ImportError:  # pragma: no cover - exercised only without numba
+    _threshold_counts = None
+
+
 def mask_violation(score: torch.Tensor, keep: torch.Tensor, k: int, *, row: bool = False,
                    n_m: tuple[int, int] | None = None) -> str | None:
     """Check a keep-mask against the conventions above, from the score alone; None if it holds, else why not.
@@ -100,16 +117,24 @@ def mask_violation(score: torch.Tensor, keep: torch.Tensor, k: int, *, row: bool
     low, high = torch.aminmax(score)
     if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         return "the scores hold NaN or inf (they overflow float32)"
-    if row:  # candidate t per row: its largest pruned score
-        t = score.masked_fill(keep, float("-inf")).amax(1, keepdim=True)
-        pruned = score.shape[1] - keep.sum(1, dtype=torch.int32)
-    else:  # candidate t: the k-th smallest as found here (the checks below do not trust it)
-        t = kth_smallest(score, k)
-        pruned = torch.tensor(keep.numel() - int(torch.count_nonzero(keep)))
-    if not torch.equal(score > t, keep):
-        return "the pruned weights are not exactly those scoring at or below a threshold"
+    pruned = score.shape[1] - keep.sum(1, dtype=torch.int32) if row else torch.tensor(
+        keep.numel() - int(torch.count_nonzero(keep)))
     if not bool((pruned >= k).all()):
         return f"{int(pruned.min())} weights pruned{' in a row' if row else ''}, fewer than k = {k}"
+    # candidate t: per row its largest pruned score; for the matrix the k-th smallest as found here (the
+    # checks below do not trust either)
+    t = score.masked_fill(keep, float("-inf")).amax(1, keepdim=True) if row else kth_smallest(score, k)
+    if not row and _threshold_counts is not None and score.device.type == "cpu" and score.is_contiguous():
+        mismatched, below = _threshold_counts(score.reshape(-1).numpy(), keep.reshape(-1).numpy(), float(t))
+        if mismatched:
+            return f"the pruned weights are not exactly those scoring at or below the k-th smallest score (k = {k})"
+        if below >= k and int(pruned) > k:
+            return (f"{below} weights score below the largest pruned one: more than the k = {k} lowest and "
+                    "their ties were pruned")
+        return None
+    if not torch.equal(score > t, keep):
+        return ("a kept weight scores at or below a pruned one of its row" if row else
+                f"the pruned weights are not exactly those scoring at or below the k-th smallest score (k = {k})")
     if bool((pruned > k).any()):  # beyond k: only ties with the k-th (exactly k pruned below t is right as is)
         below = (score < t).sum(1, dtype=torch.int32) if row else torch.count_nonzero(score < t)
         if not bool((below < k).all()):

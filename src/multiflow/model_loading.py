@@ -2,7 +2,8 @@
 
 Two ways: the whole model in memory (Hugging Face layouts through
 `from_pretrained`: safetensors only unless the user allows pickles,
-`trust_remote_code` only when the user passes it), or lazily: the model built
+`trust_remote_code` only when the user passes it, with a warning naming the code
+that will run: `warn_remote_code`), or lazily: the model built
 with its parameters on the meta device plus a `WeightSource` saying where each
 one lies on disk, so a runner can load one block at a time (`block_runner`).
 Original-layout LLaVA is converted to the transformers model either way.
@@ -10,6 +11,9 @@ Original-layout LLaVA is converted to the transformers model either way.
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,37 @@ from multiflow.errors import MultiflowError
 from multiflow.layers import Inventory, module_name
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CONFIGS_WITH_CODE = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+log = logging.getLogger("multiflow")
+
+
+def remote_code(folder: str | Path) -> list[str]:
+    """What trust_remote_code lets transformers run from `folder`: its Python files, and the classes
+    that the `auto_map` of its config files names (`repo--module.Class`: code from another repository)."""
+    folder = Path(folder)
+    found = [path.name for path in sorted(folder.glob("*.py"))]
+    for name in _CONFIGS_WITH_CODE:
+        try:
+            auto_map = json.loads((folder / name).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for key, value in (auto_map.items() if isinstance(auto_map, dict) else ()):
+            for target in value if isinstance(value, list) else [value]:
+                if isinstance(target, str):
+                    found.append(f"{name} auto_map {key} -> {target}")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def warn_remote_code(folder: Path) -> None:
+    """Once per folder: --trust-remote-code was passed; say which code it lets run."""
+    found = remote_code(folder)
+    if found:
+        log.warning("--trust-remote-code: transformers may run the Python code of %s with your privileges: %s",
+                    folder, "; ".join(found))
+    else:
+        log.warning("--trust-remote-code: %s holds no *.py file and no auto_map entry, so no code of its own "
+                    "runs; drop the flag", folder)
 
 
 @dataclass
@@ -122,6 +157,8 @@ def load_model(
     if dtype not in DTYPES:
         raise MultiflowError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     target = resolve_device(device)
+    if trust_remote_code:
+        warn_remote_code(folder)
     if inventory.naming == "llava-original":
         if device_map is not None:
             raise MultiflowError("--device-map applies to transformers-layout checkpoints; an original-layout LLaVA "

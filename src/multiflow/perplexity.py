@@ -33,7 +33,7 @@ def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
     """Perplexity of `config.model` on the windows of `config.data`; KL and top-1 agreement against
     `config.reference` when given. `config` is an `evaluation.EvalConfig`."""
     from multiflow import layers
-    from multiflow.evaluation import kl_and_agreement
+    from multiflow.evaluation import check_reference, kl_and_agreement, reference_warnings
     from multiflow.model_loading import load_model
     from multiflow.text_data import check_seq_len, encode_windows, load_windows, require_data
 
@@ -47,6 +47,7 @@ def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
     if config.reference is not None:
         reference = load_model(config.reference, layers.from_checkpoint(config.reference), config.dtype,
                                config.device, config.trust_remote_code)
+        check_reference(loaded, reference, config.model, config.reference)
     sums = {"nll": 0.0, "tokens": 0, "kl": 0.0, "agree": 0}
     bar = tqdm(total=len(windows), unit="window", desc="eval: perplexity", disable=not progress)
     with bar:
@@ -57,7 +58,7 @@ def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
             dense = _logits(reference, inputs) if reference is not None else None
             if dense is not None and dense.shape != logits.shape:
                 raise MultiflowError(f"--reference {config.reference} predicts {dense.shape[-1]} tokens, "
-                                     f"{config.model} {logits.shape[-1]}: give the dense model this one was pruned from")
+                                     f"{config.model} {logits.shape[-1]}: give the dense model it was pruned from")
             for i, window in enumerate(batch):
                 nll, count = nll_sum(logits[i], window.input_ids)
                 if not math.isfinite(nll):
@@ -83,6 +84,7 @@ def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
     if reference is not None:
         results["kl"] = sums["kl"] / sums["tokens"]
         results["top1_agreement"] = sums["agree"] / sums["tokens"]
+        results["warnings"] = reference_warnings(results, config.reference)
     return results
 
 

@@ -91,6 +91,7 @@ class PruneConfig:
     update: str = "none"  # obs: SparseGPT's OBS update of the kept weights (--method sparsegpt always has it)
     blocksize: int = 128  # the OBS update's column block (SparseGPT's default)
     percdamp: float = 0.01  # the OBS update's dampening, a fraction of the Hessian's mean diagonal
+    deterministic_report: bool = False  # leave out VOLATILE_REPORT_FIELDS: same inputs, same report bytes
 
     def __post_init__(self) -> None:
         for value, allowed, flag in ((self.method, METHODS, "--method"), (self.allocation, ALLOCATIONS, "--allocation"),
@@ -398,6 +399,8 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
         check_achieved(plans, config, report, dist)
         report["timings"] = {**(timings or {}), "distribute_seconds": round(planned_at - started, 3),
                              "prune_seconds": round(time.perf_counter() - planned_at, 3)}
+        if config.deterministic_report:
+            drop_volatile(report)
         if dist is not None:
             from multiflow.plots import plot_distribution
 
@@ -405,6 +408,23 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
             dist.save(tmp / f"{name}.json")
             plot_distribution(dist, tmp / f"{name}.png")
         write_atomic(tmp / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# What differs between two runs with the same inputs and options (the weights never do): seconds and
+# peak memory. `--deterministic-report` leaves them out, so that the report is byte-identical.
+VOLATILE_REPORT_FIELDS = ("timings", "calibration.peak_device_memory_gib")
+
+
+def drop_volatile(report: dict[str, Any]) -> dict[str, Any]:
+    """`report` without VOLATILE_REPORT_FIELDS (in place; returned for convenience)."""
+    for field_name in VOLATILE_REPORT_FIELDS:
+        *parents, leaf = field_name.split(".")
+        holder = report
+        for parent in parents:
+            holder = holder.get(parent) if isinstance(holder, dict) else None
+        if isinstance(holder, dict):
+            holder.pop(leaf, None)
     return report
 
 

@@ -200,6 +200,12 @@ def render_prune(report: dict, edge: int = 5) -> str:
     w(RULE)
     w(f"MULTIFLOW Step 3: {report['method']} scores, allocation {report['allocation']}, group {report['group']}, "
       f"structure {report['structure']}, dead layers {report['dead_layers']}")
+    if report.get("update", "none") != "none" or report.get("allocation_score"):
+        obs = report.get("obs") or {}
+        w(f"Weight update: {report.get('update', 'none')}"
+          + (f" (blocksize {obs['blocksize']}, percdamp {obs['percdamp']:g})" if obs else "")
+          + (f"   allocation planned from {report['allocation_score']} scores on the dense model"
+             if report.get("allocation_score") else ""))
     w(f"Model: {report['model']}   target sparsity: {report['target_sparsity']}")
     w(RULE)
     for note in report.get("notes", []):

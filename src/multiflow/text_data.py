@@ -39,9 +39,9 @@ log = logging.getLogger("multiflow")
 DEFAULT_SEQ_LEN = 512  # tokens per window: CPU-friendly; SparseGPT and Wanda use 2048 on LLaMA
 SEPARATOR = "\n\n"
 SPLITS = {"calibration": ("train",), "evaluation": ("test", "validation", "valid", "train")}
-ACCEPTED = ("accepted for a plain language model: a .txt (or any UTF-8 text) file, a folder of .txt files, a "
-            ".jsonl file of {\"text\": ...} records (or a .json list of them), a datasets.save_to_disk folder, "
-            "or .parquet files with a 'text' column")
+FORMATS = ("a .txt (or any UTF-8 text) file, a folder of .txt files, a .jsonl file of {\"text\": ...} records (or a "
+           ".json list of them), a datasets.save_to_disk folder, or .parquet files with a 'text' column")
+ACCEPTED = f"accepted for a plain language model: {FORMATS}"
 _NAMED_IN_WARNING = 5
 
 
@@ -85,13 +85,17 @@ def require_data(data: str | os.PathLike | None, purpose: str = "calibration") -
         raise ValueError(f"purpose {purpose!r}: one of {', '.join(SPLITS)}")
     if data is None:
         raise MultiflowError(f"a plain language model is {'calibrated' if purpose == 'calibration' else 'evaluated'}"
-                             f" on text: pass --data PATH ({ACCEPTED.removeprefix('accepted for a plain language model: ')})")
+                             f" on text: pass --data PATH ({FORMATS})")
 
 
 def load_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False):
     """The checkpoint folder's tokenizer; a MultiflowError naming the folder when there is none."""
     from transformers import AutoTokenizer
 
+    if trust_remote_code:
+        from multiflow.model_loading import warn_remote_code
+
+        warn_remote_code(Path(folder))
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
