@@ -22,7 +22,7 @@ Time (one process, the same batches): after a warm-up of each variant (over the 
   plain  `model(**inputs, use_cache=False)` under `torch.inference_mode()`;
   stats  the same inside `collect_statistics(model, names, aligned)` and one
          `collector.batch(attention_mask, image_positions)` per batch, hooks on every
-         prunable layer (`multiflow.layers.from_module(model)`), as `calibrate()` does;
+         prunable layer (`multiflow.models.inventory.from_module(model)`), as `calibrate()` does;
   split  the same with `split_token_types=True`.
 
 The ratio of a round is (stats seconds) / (plain seconds of the same round). Each pass
@@ -120,8 +120,8 @@ def build_model(args, processor):
 
 
 def build_batches(args, processor, dtype):
-    from multiflow.calibration import build_prompt
-    from multiflow.calibration_data import load_samples
+    from multiflow.calibration.calibrate import build_prompt
+    from multiflow.calibration.data import load_samples
 
     samples, _ = load_samples(None, args.nsamples, args.seed)
     batches = []
@@ -144,7 +144,7 @@ class Setup:
 
         import torch
 
-        from multiflow import layers
+        from multiflow.models import inventory as layers
 
         logging.getLogger("multiflow").setLevel(logging.WARNING)
         self.torch = torch
@@ -165,7 +165,7 @@ class Setup:
 
     def run_pass(self, variant: str, batches=None):
         """One pass over the batches; returns the Collector (None for plain)."""
-        from multiflow.statistics import collect_statistics
+        from multiflow.calibration.statistics import collect_statistics
 
         torch, model = self.torch, self.model
         batches = self.batches if batches is None else batches
@@ -333,7 +333,7 @@ def profile_main(setup: Setup, args) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import multiflow.statistics as mstats
+    import multiflow.calibration.statistics as mstats
 
     batches = setup.batches[: args.profile_batches] if args.profile_batches else setup.batches
     counts = {"square_sums": 0, "hook_calls": 0, "hook_seconds": 0.0}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from multiflow import layers
-from multiflow.stats_file import LayerStats, save_stats
+from multiflow.models import inventory as layers
+from multiflow.storage.stats_file import LayerStats, save_stats
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import multiflow
 from multiflow.demo import TRAINED, demo_split
-from multiflow.evaluation import EvalConfig, evaluate
+from multiflow.evaluation.evaluate import EvalConfig, evaluate
 
 METHODS = ("magnitude", "wanda", "multiflow")
 ALLOCATIONS = ("uniform", "modality")

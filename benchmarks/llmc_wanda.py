@@ -20,9 +20,9 @@ What it does, as llm-compressor's own LLaVA example (examples/multimodal_vision/
 - `LlavaForConditionalGeneration.from_pretrained(model, dtype=...)` (the whole model in memory) and
   `AutoProcessor.from_pretrained(model)`;
 - calibration inputs exactly as `multiflow calibrate` / `multiflow run` build them: `load_samples(data,
-  nsamples, seed)` from `multiflow.calibration_data` (`--data`, else the demo model's calibration split for the
+  nsamples, seed)` from `multiflow.calibration.data` (`--data`, else the demo model's calibration split for the
   demo model, else the bundled photographs: multiflow's own default), prompts from
-  `multiflow.calibration.build_prompt(processor, question, None)`, one sample per batch,
+  `multiflow.calibration.calibrate.build_prompt(processor, question, None)`, one sample per batch,
   `processor(images=[image], text=[prompt], return_tensors="pt")`; stored as a pre-tokenized
   `datasets.Dataset` (input_ids, attention_mask, pixel_values) with the example's one-sample data collator;
 - `oneshot(model, processor, dataset, recipe=WandaPruningModifier(sparsity, mask_structure="0:0",
@@ -92,8 +92,8 @@ def build_dataset(processor, data: str | None, nsamples: int, seed: int):
     import numpy as np
     from datasets import Dataset
 
-    from multiflow.calibration import build_prompt
-    from multiflow.calibration_data import load_samples
+    from multiflow.calibration.calibrate import build_prompt
+    from multiflow.calibration.data import load_samples
 
     samples, report = load_samples(data, nsamples, seed)
     rows = []

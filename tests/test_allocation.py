@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import multiflow
-from multiflow import allocation, scores
 from multiflow.errors import MultiflowError
-from multiflow.layers import from_module
-from multiflow.stats_file import LayerStats
+from multiflow.models.inventory import from_module
+from multiflow.pruning import allocation, scores
+from multiflow.storage.stats_file import LayerStats
 
 
 @pytest.fixture(scope="module")

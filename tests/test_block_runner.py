@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import multiflow
-from multiflow.block_runner import find_blocks, run_blocks
-from multiflow.calibration import CalibrationConfig, build_prompt, calibrate
-from multiflow.calibration_data import load_samples
+from multiflow.calibration.block_runner import find_blocks, run_blocks
+from multiflow.calibration.calibrate import CalibrationConfig, build_prompt, calibrate
+from multiflow.calibration.data import load_samples
+from multiflow.calibration.statistics import collect_statistics
 from multiflow.errors import MultiflowError
-from multiflow.layers import from_checkpoint
-from multiflow.model_loading import load_model
-from multiflow.pruning import PruneConfig, masker_for
-from multiflow.statistics import collect_statistics
-from multiflow.stats_file import load_stats
+from multiflow.models.inventory import from_checkpoint
+from multiflow.models.loading import load_model
+from multiflow.pruning.prune import PruneConfig, masker_for
+from multiflow.storage.stats_file import load_stats
 
 
 def assert_same_stats(got, want):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import multiflow.calibration_data as cd
-from multiflow.calibration_data import MAX_SIDE, load_samples, reduced_rgb, to_rgb
+import multiflow.calibration.data as cd
+from multiflow.calibration.data import MAX_SIDE, load_samples, reduced_rgb, to_rgb
 
 
 def test_a_large_png_is_kept_reduced(tmp_path):
@@ -88,7 +88,7 @@ def test_six_records_of_a_large_png_cost_one_decoded_image(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"image": "big.png", "question": f"q{i}?"} for i in range(6)]))
     script = textwrap.dedent(f"""
         import resource, warnings
-        from multiflow.calibration_data import load_samples
+        from multiflow.calibration.data import load_samples
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         samples, _ = load_samples({str(tmp_path / "d.json")!r}, 6)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before

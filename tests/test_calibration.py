@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from multiflow.calibration import CalibrationConfig, build_prompt, calibrate
+from multiflow.calibration.calibrate import CalibrationConfig, build_prompt, calibrate
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
-from multiflow.stats_file import load_stats
+from multiflow.storage.stats_file import load_stats
 
 
 def reference_stats(model, processor, samples, include_answers):
@@ -37,7 +37,7 @@ def reference_stats(model, processor, samples, include_answers):
 
 @pytest.mark.parametrize("include_answers", [False, True])
 def test_stats_match_reference(demo, jsonl, tmp_path, include_answers):
-    from multiflow.calibration_data import load_samples
+    from multiflow.calibration.data import load_samples
 
     folder, model, processor = demo
     config = CalibrationConfig(model=folder, output=tmp_path / "stats.safetensors", data=jsonl, nsamples=5,

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multiflow import bundled_data, calibration_data
-from multiflow.calibration_data import DataReport, describe_bundled, load_samples, to_rgb
+from multiflow.calibration import bundled as bundled_data
+from multiflow.calibration import data as calibration_data
+from multiflow.calibration.data import DataReport, describe_bundled, load_samples, to_rgb
 from multiflow.errors import MultiflowError
 
 COLOURS = [(200, 10, 10), (10, 200, 10), (10, 10, 200), (200, 200, 10), (10, 200, 200), (200, 10, 200)]

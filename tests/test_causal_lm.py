@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import multiflow
-from multiflow import layers
-from multiflow.calibration import CalibrationConfig, calibrate
+from multiflow.calibration.calibrate import CalibrationConfig, calibrate
+from multiflow.calibration.text_data import SEPARATOR, load_windows, read_documents, tokenize
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
-from multiflow.evaluation import EvalConfig, evaluate
-from multiflow.modality_rules import family_for
-from multiflow.stats_file import load_stats
-from multiflow.text_data import SEPARATOR, load_windows, read_documents, tokenize
+from multiflow.evaluation.evaluate import EvalConfig, evaluate
+from multiflow.models import inventory as layers
+from multiflow.models.families import family_for
+from multiflow.storage.stats_file import load_stats
 
 SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, pad_token_id=2, bos_token_id=0, eos_token_id=1, max_position_embeddings=256)

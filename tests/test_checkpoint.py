@@ -6,7 +6,7 @@ import struct
 import torch
 from safetensors.torch import load_file, save_file
 
-from multiflow.checkpoint import aligned_buffer, list_tensors, read_tensor, read_tensors, span_size
+from multiflow.storage.checkpoint import aligned_buffer, list_tensors, read_tensor, read_tensors, span_size
 
 
 def _write_unaligned(path):

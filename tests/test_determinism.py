@@ -6,9 +6,9 @@ import json
 
 from safetensors import safe_open
 
-from multiflow.calibration import VOLATILE_META_FIELDS
+from multiflow.calibration.calibrate import VOLATILE_META_FIELDS
 from multiflow.cli import main
-from multiflow.pruning import VOLATILE_REPORT_FIELDS, drop_volatile
+from multiflow.pruning.prune import VOLATILE_REPORT_FIELDS, drop_volatile
 
 
 def files(folder) -> dict[str, bytes]:

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import multiflow
-from multiflow.distribution import Distribution
-from multiflow.modality_rules import ModalityRules, Rule
+from multiflow.distribution.distribute import Distribution
+from multiflow.models.families import ModalityRules, Rule
 from reference import llava_modality, load_linear_weights, reference_pruned
 
 TARGETS = [0.0, 0.3, 0.5, 0.7, 0.9]
@@ -150,7 +150,7 @@ def test_json_round_trip_and_seed_keys(llava, tmp_path):
     assert set(data) == {"target_sparsity", "modality_stats", "layer_distribution", "meta"}
     assert set(data["modality_stats"]) == {"vision", "fusion"}
     for stats in data["modality_stats"].values():
-        assert set(stats) == set(multiflow.distribution.STAT_FIELDS)
+        assert set(stats) == set(multiflow.distribution.distribute.STAT_FIELDS)
     assert data["meta"]["modalities"] == ["vision", "text", "fusion"]
     back = Distribution.load(path)
     assert back.layers == dist.layers and back.thresholds == dist.thresholds

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from multiflow.evaluation import EvalConfig, evaluate, exact_match, kl_and_agreement, normalize, rouge_l
+from multiflow.evaluation.evaluate import EvalConfig, evaluate, exact_match, kl_and_agreement, normalize, rouge_l
 
 
 def test_normalize_and_exact_match():

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from multiflow.masks import count_for, layer_mask, n_m_mask, row_mask
-from multiflow.scores import magnitude_score, multiflow_score, wanda_score
+from multiflow.pruning.masks import count_for, layer_mask, n_m_mask, row_mask
+from multiflow.pruning.scores import magnitude_score, multiflow_score, wanda_score
 
 
 # ----------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_determinism():
 
 def test_histogram_selection_equals_kthvalue_on_large_scores():
     """Scores from 2^20 elements on are thresholded by bit-pattern selection: same value as kthvalue."""
-    from multiflow import masks as m
+    from multiflow.pruning import masks as m
 
     g = torch.Generator().manual_seed(11)
     score = (torch.rand(1024, 1100, generator=g) * torch.logspace(-4, 0, 1100)).float()

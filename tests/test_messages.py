@@ -73,7 +73,7 @@ def test_eval_max_new_tokens_below_one_is_a_usage_error(capsys, value):
 
 
 def test_eval_config_checks_its_counts():
-    from multiflow.evaluation import EvalConfig
+    from multiflow.evaluation.evaluate import EvalConfig
 
     for field, flag in (("max_new_tokens", "--max-new-tokens"), ("batch_size", "--batch-size"),
                         ("nsamples", "--nsamples")):
@@ -216,7 +216,7 @@ def test_an_unforeseen_exception_is_one_line_with_a_hint(monkeypatch, capsys):
 # --- remote code ---------------------------------------------------------------------------------
 
 def test_remote_code_names_python_files_and_auto_map_entries(demo, tmp_path, caplog):
-    from multiflow.model_loading import remote_code, warn_remote_code
+    from multiflow.models.loading import remote_code, warn_remote_code
 
     folder = tmp_path / "custom"
     shutil.copytree(demo[0], folder)
@@ -237,9 +237,9 @@ def test_remote_code_names_python_files_and_auto_map_entries(demo, tmp_path, cap
 
 
 def test_trust_remote_code_is_opt_in_everywhere():
-    from multiflow.calibration import CalibrationConfig
+    from multiflow.calibration.calibrate import CalibrationConfig
     from multiflow.cli import build_parser
-    from multiflow.evaluation import EvalConfig
+    from multiflow.evaluation.evaluate import EvalConfig
 
     for path in SRC.rglob("*.py"):
         assert not re.search(r"trust_remote_code\s*=\s*True", path.read_text()), path

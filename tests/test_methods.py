@@ -6,17 +6,17 @@ import pytest
 import torch
 
 import multiflow
-from multiflow import masks, scores
-from multiflow.block_runner import find_blocks
-from multiflow.calibration import build_prompt
-from multiflow.calibration_data import load_samples
+from multiflow.calibration.block_runner import find_blocks
+from multiflow.calibration.calibrate import build_prompt
+from multiflow.calibration.data import load_samples
 from multiflow.cli import build_parser, main
 from multiflow.errors import MultiflowError
-from multiflow.layers import from_checkpoint
-from multiflow.model_loading import load_model
-from multiflow.pruning import METHODS, PruneConfig, Structure, layer_score, plan
-from multiflow.sparsegpt import HessianAccumulator, sparsegpt_prune
-from multiflow.stats_file import load_stats
+from multiflow.models.inventory import from_checkpoint
+from multiflow.models.loading import load_model
+from multiflow.pruning import masks, scores
+from multiflow.pruning.prune import METHODS, PruneConfig, Structure, layer_score, plan
+from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
+from multiflow.storage.stats_file import load_stats
 
 
 # --- RIA -------------------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_refusals_are_clear(demo, jsonl, tmp_path, capsys):
         multiflow.run(folder, tmp_path / "c", 0.5, data=jsonl, nsamples=2, method="magnitude", percdamp=-1)
     config = PruneConfig(model=folder, output=tmp_path / "d", target_sparsity=0.5, stats=tmp_path, method="wanda",
                          update="obs")
-    from multiflow.pruning import prune
+    from multiflow.pruning.prune import prune
 
     with pytest.raises(MultiflowError, match="multiflow run --update obs"):
         prune(config, progress=False)

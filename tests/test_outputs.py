@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import multiflow
-from multiflow import outputs
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
+from multiflow.storage import outputs
 
 PRUNE = ["--method", "magnitude", "--target-sparsity", "0.5", "--quiet"]
 
@@ -243,7 +243,7 @@ def test_targets_with_the_same_file_name(hub, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ temporary folders
 
 def test_folder_created_at_output_during_the_run_is_kept(hub, tmp_path, capsys, monkeypatch):
-    import multiflow.pruning as pruning
+    import multiflow.pruning.prune as pruning
 
     output = tmp_path / "out"
     original = pruning._write_pruned
@@ -264,7 +264,7 @@ def test_folder_created_at_output_during_the_run_is_kept(hub, tmp_path, capsys, 
 
 
 def test_previous_output_changed_during_the_run_is_kept(hub, tmp_path, capsys, monkeypatch):
-    import multiflow.pruning as pruning
+    import multiflow.pruning.prune as pruning
 
     output = tmp_path / "out"
     assert main(["prune", "--model", str(hub), *PRUNE, "--output", str(output)]) == 0
@@ -282,7 +282,7 @@ def test_previous_output_changed_during_the_run_is_kept(hub, tmp_path, capsys, m
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, MultiflowError, RuntimeError])
 def test_failed_or_interrupted_run_removes_its_temporary_folder(hub, tmp_path, monkeypatch, interrupt):
-    import multiflow.pruning as pruning
+    import multiflow.pruning.prune as pruning
 
     def fail(src, dst, *args):
         assert (dst / outputs.MARKER_NAME).is_file() and dst.parent == tmp_path
@@ -297,7 +297,7 @@ def test_failed_or_interrupted_run_removes_its_temporary_folder(hub, tmp_path, m
 
 _SLOW_PRUNE = """
 import sys, time
-import multiflow.pruning as pruning
+import multiflow.pruning.prune as pruning
 original = pruning._write_pruned
 def slow(src, dst, *args):
     digest = original(src, dst, *args)
@@ -380,7 +380,7 @@ def _no_space(*args, **kwargs):
 
 
 def test_full_disk_during_prune_one_line_nothing_partial(hub, tmp_path, capsys, monkeypatch):
-    import multiflow.pruning as pruning
+    import multiflow.pruning.prune as pruning
 
     def full(src, dst, *args):
         (dst / "model.safetensors").write_bytes(b"half a checkpoint")
@@ -394,7 +394,7 @@ def test_full_disk_during_prune_one_line_nothing_partial(hub, tmp_path, capsys, 
 
 
 def test_chart_failure_leaves_no_json(hub, tmp_path, capsys, monkeypatch):
-    import multiflow.plots as plots
+    import multiflow.reporting.plots as plots
 
     monkeypatch.setattr(plots, "plot_distribution", _no_space)
     assert main(["distribute", "--model", str(hub), "--target-sparsity", "0.3", "0.5", "--output", str(tmp_path)]) == 2

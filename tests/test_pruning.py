@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import multiflow
-from multiflow import scores
 from multiflow.errors import MultiflowError
-from multiflow.pruning import PruneConfig, Structure, prune
-from multiflow.stats_file import LayerStats, save_stats
+from multiflow.pruning import scores
+from multiflow.pruning.prune import PruneConfig, Structure, prune
+from multiflow.storage.stats_file import LayerStats, save_stats
 from reference import llava_modality
 from test_masks import ref_layer_mask, ref_n_m_mask, ref_row_mask
 

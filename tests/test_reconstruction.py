@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import multiflow
-from multiflow.block_runner import find_blocks
-from multiflow.calibration import build_prompt
-from multiflow.calibration_data import load_samples
+from multiflow.calibration.block_runner import find_blocks
+from multiflow.calibration.calibrate import build_prompt
+from multiflow.calibration.data import load_samples
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
-from multiflow.layers import from_checkpoint
-from multiflow.model_loading import load_model
-from multiflow.pruning import PruneConfig, Structure, plan
-from multiflow.sparsegpt import HessianAccumulator, sparsegpt_prune
+from multiflow.models.inventory import from_checkpoint
+from multiflow.models.loading import load_model
+from multiflow.pruning.prune import PruneConfig, Structure, plan
+from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 
 def reference_sparsegpt(folder, jsonl, nsamples, config):
@@ -128,8 +128,8 @@ def test_the_update_brings_the_logits_closer_to_dense_than_the_mask_alone(demo, 
 def test_one_block_of_hessians_at_a_time_and_shared_inputs_share_one(demo, jsonl, tmp_path):
     """When a block is pruned, the Hessians alive are that block's: 4 per decoder or encoder layer (q/k/v share
     one, gate/up share one), 1 per projector linear."""
-    from multiflow.calibration import CalibrationConfig, calibrate
-    from multiflow.reconstruction import SparseGPTStep
+    from multiflow.calibration.calibrate import CalibrationConfig, calibrate
+    from multiflow.pruning.reconstruction import SparseGPTStep
 
     folder, _, _ = demo
     config = PruneConfig(model=folder, output=tmp_path / "x", target_sparsity=0.5, method="sparsegpt")

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import multiflow
-from multiflow import layers
-from multiflow.modality_rules import FAMILIES, family_for, load_rules_file
+from multiflow.models import inventory as layers
+from multiflow.models.families import FAMILIES, family_for, load_rules_file
 
 
 def test_family_detection_from_config():
@@ -89,8 +89,8 @@ def test_unmatched_linear_is_an_error_naming_it():
             self.vision = nn.Linear(4, 4)
             self.mystery = nn.Linear(4, 4)
 
-    rules = multiflow.modality_rules.ModalityRules(
-        "t", ("vision",), (multiflow.modality_rules.Rule(r"^vision$", "vision"),))
+    rules = multiflow.models.families.ModalityRules(
+        "t", ("vision",), (multiflow.models.families.Rule(r"^vision$", "vision"),))
     with pytest.raises(multiflow.MultiflowError, match="mystery"):
         multiflow.compute_distribution(Odd(), 0.5, rules)
 

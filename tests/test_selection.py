@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from multiflow import selection
+from multiflow.distribution import selection
 
 
 def kth_via_histograms(t: torch.Tensor, k: int, use_numba: bool = True) -> float:

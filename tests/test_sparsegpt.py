@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from multiflow import masks
-from multiflow.sparsegpt import HessianAccumulator, block_counts, sparsegpt_prune
+from multiflow.pruning import masks
+from multiflow.pruning.sparsegpt import HessianAccumulator, block_counts, sparsegpt_prune
 
 
 def hessian_of(x: torch.Tensor) -> torch.Tensor:

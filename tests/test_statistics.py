@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from multiflow import scores
+from multiflow.calibration.statistics import collect_statistics, square_sums
 from multiflow.errors import MultiflowError
-from multiflow.statistics import collect_statistics, square_sums
-from multiflow.stats_file import from_collector, load_stats, save_stats
+from multiflow.pruning import scores
+from multiflow.storage.stats_file import from_collector, load_stats, save_stats
 
 
 def test_square_sums_by_hand():
@@ -151,7 +151,7 @@ def test_hooks_work_with_accelerate_offloading():
 
 def test_shared_input_is_summed_once(monkeypatch):
     """q and k read the same tensor: one square_sums call for both (the cache hits)."""
-    import multiflow.statistics as st
+    import multiflow.calibration.statistics as st
 
     calls = []
     real = st.square_sums

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from multiflow import masks
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
-from multiflow.stats_file import LayerStats, load_stats, save_stats
+from multiflow.pruning import masks
+from multiflow.storage.stats_file import LayerStats, load_stats, save_stats
 
 Q0 = "model.language_model.layers.0.self_attn.q_proj"
 Q0_HUB = "language_model.model.layers.0.self_attn.q_proj.weight"
@@ -89,7 +89,7 @@ def test_stats_with_negative_or_inconsistent_token_counts_are_refused(tmp_path):
 # --- non-finite activations during calibration --------------------------------------------------------------
 
 def test_collector_names_the_first_layer_in_forward_order_that_sees_non_finite_sums():
-    from multiflow.statistics import collect_statistics
+    from multiflow.calibration.statistics import collect_statistics
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_mask_check_accepts_exactly_the_documented_masks():
 
 
 def test_a_mask_that_breaks_the_plan_is_an_error_and_nothing_is_written(tiny, tmp_path, monkeypatch):
-    from multiflow import pruning
+    import multiflow.pruning.prune as pruning
 
     folder, _ = tiny
     real = masks.layer_mask
@@ -203,7 +203,7 @@ def test_a_mask_that_breaks_the_plan_is_an_error_and_nothing_is_written(tiny, tm
 
 
 def test_report_counts_are_checked_against_the_written_counts(tiny, tmp_path, monkeypatch):
-    from multiflow import pruning
+    import multiflow.pruning.prune as pruning
 
     folder, _ = tiny
     real = pruning._report
@@ -243,8 +243,8 @@ def test_written_zeros_are_counted_from_the_bytes_and_dead_layers_are_all_zero(t
 
 
 def test_zero_check_catches_data_that_is_not_the_pruned_tensor():
-    from multiflow import pruning
-    from multiflow.layers import Layer
+    import multiflow.pruning.prune as pruning
+    from multiflow.models.inventory import Layer
 
     tensor = torch.tensor([[1.0, 0.0], [2.0, 3.0]])
     keep = tensor != 0
@@ -275,7 +275,7 @@ def test_a_linear_that_is_not_2d_is_refused_by_every_command(tiny, tmp_path, cap
 
 
 def test_a_flattened_projector_is_refused_but_a_norm_like_vector_passes(tiny, tmp_path, capsys):
-    from multiflow import layers
+    from multiflow.models import inventory as layers
 
     folder, _ = tiny
     key = "multi_modal_projector.linear_2.weight"  # no other layer has its role: caught by its length
@@ -293,8 +293,8 @@ def test_a_zero_size_linear_is_refused(tiny, tmp_path, capsys):
     fails(capsys, ["distribute", "--model", str(bad), "--target-sparsity", "0.5", "--output", str(tmp_path / "d")],
           repr(Q0_HUB), "no weights (shape [32, 0])")
     assert not (tmp_path / "d").exists()
-    from multiflow import layers
-    from multiflow.modality_rules import ModalityRules, Rule
+    from multiflow.models import inventory as layers
+    from multiflow.models.families import ModalityRules, Rule
 
     rules = ModalityRules("test", ("vision",), (Rule(r"^fc$", "vision"),))
     with pytest.raises(MultiflowError, match=r"layer fc is a linear layer with no weights"):
@@ -349,7 +349,7 @@ def test_safetensors_whose_tensors_overlap_or_leave_holes_are_refused(tiny, tmp_
 
 
 def test_tensors_outside_the_data_or_trailing_bytes_are_refused(tiny, tmp_path, capsys):
-    from multiflow.checkpoint import safetensors_header
+    from multiflow.storage.checkpoint import safetensors_header
 
     folder, _ = tiny
     trailing = shutil.copytree(folder, tmp_path / "t")
@@ -399,7 +399,7 @@ def _stub(cls: str, model_type: str, vocab: int, tokens: dict):
 
 
 def test_reference_of_another_architecture_vocabulary_or_tokenizer_is_refused():
-    from multiflow.evaluation import check_reference
+    from multiflow.evaluation.evaluate import check_reference
 
     mine = _stub("LlavaForConditionalGeneration", "llava", 10, {"a": 0})
     check_reference(mine, _stub("LlavaForConditionalGeneration", "llava", 10, {"a": 0}), Path("m"), Path("r"))
@@ -411,7 +411,7 @@ def test_reference_of_another_architecture_vocabulary_or_tokenizer_is_refused():
 
 
 def test_reference_sharing_nothing_gets_a_warning():
-    from multiflow.evaluation import reference_warnings
+    from multiflow.evaluation.evaluate import reference_warnings
 
     assert reference_warnings({"kl": 0.3, "top1_agreement": 0.9}, Path("r")) == []
     assert reference_warnings({"accuracy": 1.0}, Path("r")) == []
@@ -441,7 +441,7 @@ def eval_pair(demo, tmp_path_factory):
 
 
 def test_eval_refuses_another_vocabulary_before_generating(eval_pair, capsys, monkeypatch):
-    from multiflow import evaluation
+    import multiflow.evaluation.evaluate as evaluation
 
     folder, root = eval_pair
     monkeypatch.setattr(evaluation, "_generate", lambda *a: pytest.fail("generated before the check"))
@@ -452,7 +452,7 @@ def test_eval_refuses_another_vocabulary_before_generating(eval_pair, capsys, mo
 
 
 def test_eval_warns_when_the_reference_shares_nothing(eval_pair, caplog):
-    from multiflow.evaluation import EvalConfig, evaluate
+    from multiflow.evaluation.evaluate import EvalConfig, evaluate
 
     folder, root = eval_pair
     same = evaluate(EvalConfig(model=folder, reference=folder, data=root / "data.jsonl", max_new_tokens=2),

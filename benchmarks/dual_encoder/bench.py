@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 import multiflow
-from multiflow.modality_rules import ModalityRules, Rule, family_by_name
-from multiflow.statistics import collect_statistics
-from multiflow.stats_file import from_collector
+from multiflow.calibration.statistics import collect_statistics
+from multiflow.models.families import ModalityRules, Rule, family_by_name
+from multiflow.storage.stats_file import from_collector
 
 from . import data, judges
 from .model import IMAGE_SIZE, build_processor, load_from_parts

@@ -47,7 +47,7 @@ def gguf_file() -> Path:
 
 def convert(gguf: Path, out: Path) -> None:
     """GGUF -> safetensors folder with the tool's own command (`multiflow convert-gguf`, float32)."""
-    from multiflow.gguf_convert import convert_gguf
+    from multiflow.models.gguf import convert_gguf
 
     convert_gguf(gguf, out, dtype="float32")
 

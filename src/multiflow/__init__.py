@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from multiflow.api import (calibrate, compute_distribution, compute_distributions, inventory, prune,  # noqa: E402
                            prune_module, run)
-from multiflow.distribution import Distribution, LayerShare  # noqa: E402
+from multiflow.distribution.distribute import Distribution, LayerShare  # noqa: E402
 from multiflow.errors import MultiflowError  # noqa: E402
 
 __all__ = ["Distribution", "LayerShare", "MultiflowError", "calibrate", "compute_distribution",

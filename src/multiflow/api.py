@@ -8,11 +8,11 @@ from typing import Iterable
 
 from torch import nn
 
-from multiflow import layers
-from multiflow.distribution import Distribution, distribute
-from multiflow.modality_rules import ModalityRules
-from multiflow.outputs import given
-from multiflow.text_data import DEFAULT_SEQ_LEN
+from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
+from multiflow.distribution.distribute import Distribution, distribute
+from multiflow.models import inventory as layers
+from multiflow.models.families import ModalityRules
+from multiflow.storage.outputs import given
 
 
 def inventory(
@@ -69,8 +69,8 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
     windows of `seq_len` tokens of the text `data` (`text_data`). `deterministic_report`: the file's
     metadata without the fields that vary between identical runs (`calibration.VOLATILE_META_FIELDS`).
     """
-    from multiflow.calibration import CalibrationConfig
-    from multiflow.calibration import calibrate as _calibrate
+    from multiflow.calibration.calibrate import CalibrationConfig
+    from multiflow.calibration.calibrate import calibrate as _calibrate
 
     return _calibrate(CalibrationConfig(
         model=Path(model), output=given(output), data=None if data is None else Path(data), nsamples=nsamples,
@@ -86,7 +86,7 @@ def _prune_config(model, output, target_sparsity, distribution=None, stats=None,
                   allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
                   dead_layers: str = "keep", rules=None, overwrite: bool = False, update: str = "none",
                   blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False):
-    from multiflow.pruning import PruneConfig, Structure
+    from multiflow.pruning.prune import PruneConfig, Structure
 
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
     return PruneConfig(
@@ -106,7 +106,7 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: 
     `output` must be new, empty, or (with `overwrite`) a previous multiflow output: never another folder.
     `deterministic_report`: the report without the fields that vary between identical runs
     (`pruning.VOLATILE_REPORT_FIELDS`: timings, peak memory), so that it is byte-identical."""
-    from multiflow.pruning import prune as _prune
+    from multiflow.pruning.prune import prune as _prune
 
     return _prune(_prune_config(model, output, target_sparsity, distribution, stats, method, allocation, group,
                                 structure, dead_layers, rules, overwrite,
@@ -138,12 +138,12 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     import time
 
     from multiflow.errors import MultiflowError
-    from multiflow.outputs import FolderOutput
-    from multiflow.pruning import SCORE_ALLOCATIONS, check_stats, masker_from_plans, plan
-    from multiflow.pruning import prune as _prune
-    from multiflow.reconstruction import SparseGPTStep
-    from multiflow.scores import NO_STATISTICS
-    from multiflow.stats_file import load_stats
+    from multiflow.pruning.prune import SCORE_ALLOCATIONS, check_stats, masker_from_plans, plan
+    from multiflow.pruning.prune import prune as _prune
+    from multiflow.pruning.reconstruction import SparseGPTStep
+    from multiflow.pruning.scores import NO_STATISTICS
+    from multiflow.storage.outputs import FolderOutput
+    from multiflow.storage.stats_file import load_stats
 
     reconstructs = method == "sparsegpt" or update == "obs"
     sequential = sequential or reconstructs
@@ -199,7 +199,7 @@ def prune_module(model: nn.Module, target_sparsity: float | None = None, *, stat
     `stats`: {module name: LayerStats}, e.g. `stats_file.from_collector(collector)` after forward passes
     inside `statistics.collect_statistics(model, names, aligned_pattern)`; needed by wanda and multiflow.
     """
-    from multiflow.pruning import prune_module as _prune_module
+    from multiflow.pruning.prune import prune_module as _prune_module
 
     return _prune_module(model, target_sparsity, stats=stats, method=method, allocation=allocation, group=group,
                          structure=structure, dead_layers=dead_layers, rules=rules)

@@ -11,15 +11,15 @@ import threading
 from pathlib import Path
 
 from multiflow import __version__
+from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
-from multiflow.outputs import given
-from multiflow.text_data import DEFAULT_SEQ_LEN
+from multiflow.storage.outputs import given
 
 log = logging.getLogger("multiflow")
 
 
 def _target(text: str) -> float:
-    from multiflow.distribution import check_target
+    from multiflow.distribution.distribute import check_target
 
     try:
         return check_target(text)
@@ -99,8 +99,8 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    from multiflow.pruning import METHODS
-    from multiflow.scores import SCORES, describe
+    from multiflow.pruning.prune import METHODS
+    from multiflow.pruning.scores import SCORES, describe
 
     p.add_argument("--method", choices=METHODS, default="multiflow",
                    help="the score that chooses the pruned weights (a_j = sqrt(mean x_j^2) over calibration "
@@ -312,7 +312,7 @@ def _calibration_data(given: str | None, model: Path) -> Path | None:
 
 def _target_name(s: float) -> str:
     """The target as written in file names: %g, or every digit when %g would round it (0.5000001)."""
-    from multiflow.distribution import target_name
+    from multiflow.distribution.distribute import target_name
 
     return target_name(s)
 
@@ -333,11 +333,11 @@ def _output_paths(output: str, targets: list[float]) -> list[tuple[Path, Path]]:
 
 
 def cmd_distribute(args: argparse.Namespace) -> int:
-    from multiflow import layers
-    from multiflow.distribution import distribute
-    from multiflow.outputs import check_file_output, files_together
-    from multiflow.plots import plot_distribution
-    from multiflow.report import render
+    from multiflow.distribution.distribute import distribute
+    from multiflow.models import inventory as layers
+    from multiflow.reporting.console import render
+    from multiflow.reporting.plots import plot_distribution
+    from multiflow.storage.outputs import check_file_output, files_together
 
     paths = _output_paths(args.output, args.targets)
     written = [p for pair in paths for p in (pair if args.plot else pair[:1])]
@@ -365,8 +365,8 @@ def cmd_distribute(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from multiflow.calibration import CalibrationConfig, calibrate
-    from multiflow.report import render_stats
+    from multiflow.calibration.calibrate import CalibrationConfig, calibrate
+    from multiflow.reporting.console import render_stats
 
     output = given(args.output)
     model = _resolve_model(args.model)
@@ -388,7 +388,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _prune_config(args: argparse.Namespace, model: Path, stats: Path | None, distribution: Path | None):
-    from multiflow.pruning import PruneConfig, Structure
+    from multiflow.pruning.prune import PruneConfig, Structure
 
     return PruneConfig(
         model=model, output=given(args.output), target_sparsity=args.target, distribution=distribution,
@@ -411,8 +411,8 @@ def _refuse_allow_pickle(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from multiflow.pruning import prune
-    from multiflow.report import render_prune
+    from multiflow.pruning.prune import prune
+    from multiflow.reporting.console import render_prune
 
     if args.vision_tower:
         raise MultiflowError("prune writes the weights of the --model folder; a separate --vision-tower folder is "
@@ -430,8 +430,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from multiflow import api
-    from multiflow.pruning import Structure
-    from multiflow.report import render_prune
+    from multiflow.pruning.prune import Structure
+    from multiflow.reporting.console import render_prune
 
     Structure.parse(args.structure)  # validate before the long calibration pass
     _refuse_allow_pickle(args)
@@ -462,9 +462,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from multiflow.evaluation import EvalConfig, evaluate
-    from multiflow.outputs import check_file_output, write_atomic
-    from multiflow.report import render_eval
+    from multiflow.evaluation.evaluate import EvalConfig, evaluate
+    from multiflow.reporting.console import render_eval
+    from multiflow.storage.outputs import check_file_output, write_atomic
 
     if args.nsamples is not None and args.nsamples < 1:
         raise MultiflowError(f"--nsamples {args.nsamples}: give at least 1")
@@ -483,7 +483,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if output is not None:
         write_atomic(output, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
     if "perplexity" in results:  # a plain language model
-        from multiflow.report import render_perplexity
+        from multiflow.reporting.console import render_perplexity
 
         print(f"{results['perplexity']:.4f}" if args.quiet else render_perplexity(results))
         return 0
@@ -492,7 +492,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
-    from multiflow.gguf_convert import convert_gguf
+    from multiflow.models.gguf import convert_gguf
 
     summary = convert_gguf(args.gguf, given(args.output), args.dtype, args.overwrite)
     if not args.quiet:
@@ -521,8 +521,8 @@ def _default_eval_data(given: str | None, model: Path) -> Path | None:
 
 
 def cmd_modalities(args: argparse.Namespace) -> int:
-    from multiflow import layers
-    from multiflow.report import render_inventory
+    from multiflow.models import inventory as layers
+    from multiflow.reporting.console import render_inventory
 
     inv = layers.from_checkpoint(_resolve_model(args.model), args.rules, args.vision_tower, args.allow_pickle)
     print(render_inventory(inv), end="")
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                     "eval": cmd_eval, "modalities": cmd_modalities, "convert-gguf": cmd_convert_gguf}
         return commands[args.command](args)
     except MultiflowError as exc:
-        from multiflow.checkpoint import PickledWeights
+        from multiflow.storage.checkpoint import PickledWeights
 
         if isinstance(exc, PickledWeights) and args.command not in _PICKLE_COMMANDS:
             exc = exc.without_flag(args.command)

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from multiflow import layers as layers_mod
-from multiflow import masks, scores
-from multiflow.checkpoint import check_finite, list_tensors, read_tensors
-from multiflow.distribution import Distribution, check_target, distribute, target_name
+from multiflow.distribution.distribute import Distribution, check_target, distribute, target_name
 from multiflow.errors import MultiflowError
-from multiflow.layers import Inventory, Layer
-from multiflow.outputs import REPORT_NAME, FolderOutput, write_atomic
-from multiflow.stats_file import LayerStats, load_stats
+from multiflow.models import inventory as layers_mod
+from multiflow.models.inventory import Inventory, Layer
+from multiflow.pruning import masks, scores
+from multiflow.storage.checkpoint import check_finite, list_tensors, read_tensors
+from multiflow.storage.outputs import REPORT_NAME, FolderOutput, write_atomic
+from multiflow.storage.stats_file import LayerStats, load_stats
 
 log = logging.getLogger("multiflow")
 
@@ -186,7 +186,7 @@ def plan(config: PruneConfig, inventory: Inventory, progress: bool = True,
 
 
 def _score_plans(config: PruneConfig, inventory: Inventory, stats, progress: bool) -> list[LayerPlan]:
-    from multiflow import allocation
+    from multiflow.pruning import allocation
 
     s = check_target(config.target_sparsity)
     name = config.allocation_score
@@ -402,7 +402,7 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
         if config.deterministic_report:
             drop_volatile(report)
         if dist is not None:
-            from multiflow.plots import plot_distribution
+            from multiflow.reporting.plots import plot_distribution
 
             name = f"sparsity_distribution_{target_name(dist.target_sparsity)}"
             dist.save(tmp / f"{name}.json")

@@ -32,10 +32,10 @@ def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
 def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
     """Perplexity of `config.model` on the windows of `config.data`; KL and top-1 agreement against
     `config.reference` when given. `config` is an `evaluation.EvalConfig`."""
-    from multiflow import layers
-    from multiflow.evaluation import check_reference, kl_and_agreement, reference_warnings
-    from multiflow.model_loading import load_model
-    from multiflow.text_data import check_seq_len, encode_windows, load_windows, require_data
+    from multiflow.calibration.text_data import check_seq_len, encode_windows, load_windows, require_data
+    from multiflow.evaluation.evaluate import check_reference, kl_and_agreement, reference_warnings
+    from multiflow.models import inventory as layers
+    from multiflow.models.loading import load_model
 
     inventory = layers.from_checkpoint(config.model)
     require_data(config.data, "evaluation")  # before loading anything

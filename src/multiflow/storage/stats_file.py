@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from multiflow.distribution import write_atomic
+from multiflow.calibration.statistics import Collector
+from multiflow.distribution.distribute import write_atomic
 from multiflow.errors import MultiflowError
-from multiflow.statistics import Collector
 
 
 @dataclass

@@ -24,10 +24,10 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from multiflow import selection
+from multiflow.distribution import selection
 from multiflow.errors import MultiflowError
-from multiflow.layers import Inventory, Layer
-from multiflow.outputs import write_atomic  # also re-exported: older code imports it from here
+from multiflow.models.inventory import Inventory, Layer
+from multiflow.storage.outputs import write_atomic  # also re-exported: older code imports it from here
 
 STAT_FIELDS = (
     "num_layers",

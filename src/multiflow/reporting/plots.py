@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from multiflow.distribution import Distribution, write_atomic
+from multiflow.distribution.distribute import Distribution, write_atomic
 
 COLOURS = {"vision": "#1f77b4", "text": "#2ca02c", "fusion": "#d62728"}
 

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from multiflow.calibration import build_prompt
-from multiflow.calibration_data import Sample, load_samples
+from multiflow.calibration.calibrate import build_prompt
+from multiflow.calibration.data import Sample, load_samples
+from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
-from multiflow.text_data import DEFAULT_SEQ_LEN
 
 log = logging.getLogger("multiflow")
 
@@ -88,12 +88,12 @@ class EvalConfig:
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Generate answers for every sample; score them; compare with the reference model if given.
     A plain language model gets perplexity on text windows instead (`perplexity.evaluate_perplexity`)."""
-    from multiflow import layers
-    from multiflow.model_loading import load_model
+    from multiflow.models import inventory as layers
+    from multiflow.models.loading import load_model
 
     family = layers.from_checkpoint(config.model).family
     if family is not None and family.text_only:
-        from multiflow.perplexity import evaluate_perplexity
+        from multiflow.evaluation.perplexity import evaluate_perplexity
 
         return evaluate_perplexity(config, progress)
     samples, report = load_samples(config.data, config.nsamples if config.nsamples else 10**9, config.seed)

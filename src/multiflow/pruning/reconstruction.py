@@ -34,9 +34,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from multiflow import scores
 from multiflow.errors import MultiflowError
-from multiflow.sparsegpt import HessianAccumulator, sparsegpt_prune
+from multiflow.pruning import scores
+from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 
 class SparseGPTStep:

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from multiflow import selection
+from multiflow.distribution import selection
 
 
 _HISTOGRAM_AT = 1 << 20  # scores from this size on: bit-pattern selection, several times faster than kthvalue

@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from multiflow.distribution import distribute
-from multiflow.layers import Inventory, Layer
+from multiflow.distribution.distribute import distribute
+from multiflow.models.inventory import Inventory, Layer
 
 OWL_M = 5.0
 OWL_LAMBDA = 0.08

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from multiflow.checkpoint import TensorEntry, check_finite, list_tensors, read_tensors
 from multiflow.errors import MultiflowError
-from multiflow.layers import Inventory, module_name
+from multiflow.models.inventory import Inventory, module_name
+from multiflow.storage.checkpoint import TensorEntry, check_finite, list_tensors, read_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIGS_WITH_CODE = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
@@ -287,8 +287,8 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
     from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
                               LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
-    from multiflow.calibration import LLAVA_15_CHAT_TEMPLATE
-    from multiflow.checkpoint import read_config, read_tensor
+    from multiflow.calibration.calibrate import LLAVA_15_CHAT_TEMPLATE
+    from multiflow.storage.checkpoint import read_config, read_tensor
 
     config = read_config(folder)
     sources = [(e, _rename(e.key, _ORIGINAL_TO_HF) or e.key) for e in list_tensors(folder, allow_pickle)]

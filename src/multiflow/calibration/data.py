@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
-from multiflow import bundled_data
+from multiflow.calibration import bundled as bundled_data
 from multiflow.errors import MultiflowError
 
 log = logging.getLogger("multiflow")

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from multiflow.calibration.statistics import Collector
 from multiflow.errors import MultiflowError
-from multiflow.model_loading import LoadedModel, base_parameters
-from multiflow.statistics import Collector
+from multiflow.models.loading import LoadedModel, base_parameters
 
 _START, _DONE = (-1, 0), None  # a worker's position before its first turn / after its forward
 

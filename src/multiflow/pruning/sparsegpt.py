@@ -52,7 +52,7 @@ from typing import Callable, Union
 
 import torch
 
-from multiflow import masks
+from multiflow.pruning import masks
 
 Score = Union[torch.Tensor, Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]]
 

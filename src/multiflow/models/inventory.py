@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from multiflow.checkpoint import TensorEntry, list_tensors, read_config, read_tensors
 from multiflow.errors import MultiflowError
-from multiflow.modality_rules import Family, ModalityRules, Rule, family_for, load_rules_file
+from multiflow.models.families import Family, ModalityRules, Rule, family_for, load_rules_file
+from multiflow.storage.checkpoint import TensorEntry, list_tensors, read_config, read_tensors
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -93,7 +93,7 @@ def load_tokenizer(folder: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     if trust_remote_code:
-        from multiflow.model_loading import warn_remote_code
+        from multiflow.models.loading import warn_remote_code
 
         warn_remote_code(Path(folder))
     try:

@@ -33,7 +33,7 @@ def convert_gguf(file: str | os.PathLike, output: str | os.PathLike, dtype: str 
     import torch
 
     from multiflow import __version__
-    from multiflow.outputs import REPORT_NAME, FolderOutput, file_mode
+    from multiflow.storage.outputs import REPORT_NAME, FolderOutput, file_mode
 
     file = Path(file)
     if dtype not in DTYPES:

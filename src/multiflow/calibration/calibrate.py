@@ -12,14 +12,14 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from multiflow import layers
-from multiflow.block_runner import image_positions, run_blocks
-from multiflow.calibration_data import Sample, load_samples
-from multiflow.text_data import DEFAULT_SEQ_LEN, TextWindow, check_seq_len, encode_windows, load_tokenizer, load_windows
+from multiflow.calibration.block_runner import image_positions, run_blocks
+from multiflow.calibration.data import Sample, load_samples
+from multiflow.calibration.statistics import collect_statistics
+from multiflow.calibration.text_data import DEFAULT_SEQ_LEN, TextWindow, check_seq_len, encode_windows, load_tokenizer, load_windows
 from multiflow.errors import MultiflowError
-from multiflow.model_loading import load_model
-from multiflow.statistics import collect_statistics
-from multiflow.stats_file import LayerStats, from_collector, save_stats
+from multiflow.models import inventory as layers
+from multiflow.models.loading import load_model
+from multiflow.storage.stats_file import LayerStats, from_collector, save_stats
 
 log = logging.getLogger("multiflow")
 
@@ -182,7 +182,7 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
 
 
 def _check_output(config: CalibrationConfig) -> None:
-    from multiflow.outputs import check_file_output
+    from multiflow.storage.outputs import check_file_output
 
     check_file_output(config.output, {"the input model folder": config.model, "the --vision-tower folder":
                                       config.vision_tower, "the --data input": config.data,
@@ -219,7 +219,7 @@ def _pruning_step(loaded, collector, names: set[str], masker: Masker):
 
 def _aligned_pattern(family, loaded) -> str | None:
     """Which loaded-model layers see prompt-aligned tokens (family data; converted models are transformers LLaVA)."""
-    from multiflow.modality_rules import family_by_name
+    from multiflow.models.families import family_by_name
 
     if family is not None and family.naming == "llava-original":
         return family_by_name("llava").aligned_layers

@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 from typing import TextIO
 
-from multiflow.distribution import Distribution
-from multiflow.layers import Inventory
+from multiflow.distribution.distribute import Distribution
+from multiflow.models.inventory import Inventory
 
 RULE = "=" * 78
 
