@@ -120,8 +120,8 @@ def build_model(args, processor):
 
 
 def build_batches(args, processor, dtype):
-    from multiflow.calibration.calibrate import build_prompt
     from multiflow.calibration.data import load_samples
+    from multiflow.models.prompts import build_prompt
 
     samples, _ = load_samples(None, args.nsamples, args.seed)
     batches = []

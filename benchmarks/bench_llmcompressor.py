@@ -27,7 +27,7 @@ calibrated on the dense model's activations, as multiflow's default single pass 
 
 All runs see the same calibration inputs: `--nsamples` samples picked by `--seed` from `--data` (default:
 what multiflow uses, i.e. the demo model's calibration split for the demo model, else the bundled photos),
-prompts from `multiflow.calibration.calibrate.build_prompt`, one sample per forward pass, the same `--dtype`.
+prompts from `multiflow.models.prompts.build_prompt`, one sample per forward pass, the same `--dtype`.
 
 Wall time: the child's whole life (import, load, calibrate, prune, save). Peak RSS: the child's own
 maximum resident set size, GNU `/usr/bin/time -f %M` when there is GNU time, else ru_maxrss from `os.wait4`

@@ -22,7 +22,7 @@ What it does, as llm-compressor's own LLaVA example (examples/multimodal_vision/
 - calibration inputs exactly as `multiflow calibrate` / `multiflow run` build them: `load_samples(data,
   nsamples, seed)` from `multiflow.calibration.data` (`--data`, else the demo model's calibration split for the
   demo model, else the bundled photographs: multiflow's own default), prompts from
-  `multiflow.calibration.calibrate.build_prompt(processor, question, None)`, one sample per batch,
+  `multiflow.models.prompts.build_prompt(processor, question, None)`, one sample per batch,
   `processor(images=[image], text=[prompt], return_tensors="pt")`; stored as a pre-tokenized
   `datasets.Dataset` (input_ids, attention_mask, pixel_values) with the example's one-sample data collator;
 - `oneshot(model, processor, dataset, recipe=WandaPruningModifier(sparsity, mask_structure="0:0",
@@ -92,8 +92,8 @@ def build_dataset(processor, data: str | None, nsamples: int, seed: int):
     import numpy as np
     from datasets import Dataset
 
-    from multiflow.calibration.calibrate import build_prompt
     from multiflow.calibration.data import load_samples
+    from multiflow.models.prompts import build_prompt
 
     samples, report = load_samples(data, nsamples, seed)
     rows = []

@@ -256,7 +256,7 @@ def write_processor(out: Path) -> None:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from multiflow.calibration.calibrate import LLAVA_15_CHAT_TEMPLATE
+    from multiflow.models.prompts import LLAVA_15_CHAT_TEMPLATE
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(set(string.printable) - set("\x0b\x0c\r")):

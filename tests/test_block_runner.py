@@ -7,12 +7,13 @@ import torch
 
 import multiflow
 from multiflow.calibration.block_runner import find_blocks, run_blocks
-from multiflow.calibration.calibrate import CalibrationConfig, build_prompt, calibrate
+from multiflow.calibration.calibrate import CalibrationConfig, calibrate
 from multiflow.calibration.data import load_samples
 from multiflow.calibration.statistics import collect_statistics
 from multiflow.errors import MultiflowError
 from multiflow.models.inventory import from_checkpoint
 from multiflow.models.loading import load_model
+from multiflow.models.prompts import build_prompt
 from multiflow.pruning.prune import PruneConfig, masker_for
 from multiflow.storage.stats_file import load_stats
 

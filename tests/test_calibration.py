@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from multiflow.calibration.calibrate import CalibrationConfig, build_prompt, calibrate
+from multiflow.calibration.calibrate import CalibrationConfig, calibrate
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
+from multiflow.models.prompts import build_prompt
 from multiflow.storage.stats_file import load_stats
 
 

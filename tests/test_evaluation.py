@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from multiflow.evaluation.evaluate import EvalConfig, evaluate, exact_match, kl_and_agreement, normalize, rouge_l
+from multiflow.evaluation.evaluate import EvalConfig, evaluate, exact_match, normalize, rouge_l
+from multiflow.evaluation.reference import kl_and_agreement
 
 
 def test_normalize_and_exact_match():

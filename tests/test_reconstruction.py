@@ -7,12 +7,12 @@ import torch
 
 import multiflow
 from multiflow.calibration.block_runner import find_blocks
-from multiflow.calibration.calibrate import build_prompt
 from multiflow.calibration.data import load_samples
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
 from multiflow.models.inventory import from_checkpoint
 from multiflow.models.loading import load_model
+from multiflow.models.prompts import build_prompt
 from multiflow.pruning.prune import PruneConfig, Structure, plan
 from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 

@@ -399,7 +399,7 @@ def _stub(cls: str, model_type: str, vocab: int, tokens: dict):
 
 
 def test_reference_of_another_architecture_vocabulary_or_tokenizer_is_refused():
-    from multiflow.evaluation.evaluate import check_reference
+    from multiflow.evaluation.reference import check_reference
 
     mine = _stub("LlavaForConditionalGeneration", "llava", 10, {"a": 0})
     check_reference(mine, _stub("LlavaForConditionalGeneration", "llava", 10, {"a": 0}), Path("m"), Path("r"))
@@ -411,7 +411,7 @@ def test_reference_of_another_architecture_vocabulary_or_tokenizer_is_refused():
 
 
 def test_reference_sharing_nothing_gets_a_warning():
-    from multiflow.evaluation.evaluate import reference_warnings
+    from multiflow.evaluation.reference import reference_warnings
 
     assert reference_warnings({"kl": 0.3, "top1_agreement": 0.9}, Path("r")) == []
     assert reference_warnings({"accuracy": 1.0}, Path("r")) == []

@@ -162,7 +162,7 @@ def build_processor(texts: list[str]):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from multiflow.calibration.calibrate import LLAVA_15_CHAT_TEMPLATE
+    from multiflow.models.prompts import LLAVA_15_CHAT_TEMPLATE
 
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
     normalizer, pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()  # "USER:" -> user, :
@@ -200,7 +200,7 @@ def build_model(processor, seed: int):
 
 def prompt(processor, question: str, answer: str | None = None) -> str:
     """The chat template's text, ending at `ASSISTANT:` or, with an answer, at `</s>` (as multiflow)."""
-    from multiflow.calibration.calibrate import build_prompt
+    from multiflow.models.prompts import build_prompt
 
     return build_prompt(processor, question, answer)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from multiflow.api import (calibrate, compute_distribution, compute_distributions, inventory, prune,  # noqa: E402
+from multiflow._version import __version__
+from multiflow.api import (calibrate, compute_distribution, compute_distributions, inventory, prune,
                            prune_module, run)
-from multiflow.distribution.distribute import Distribution, LayerShare  # noqa: E402
-from multiflow.errors import MultiflowError  # noqa: E402
+from multiflow.distribution.distribute import Distribution, LayerShare
+from multiflow.errors import MultiflowError
 
 __all__ = ["Distribution", "LayerShare", "MultiflowError", "calibrate", "compute_distribution",
            "compute_distributions", "inventory", "prune", "prune_module", "run", "__version__"]

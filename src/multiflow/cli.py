@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from multiflow import __version__
+from multiflow._version import __version__
 from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
 from multiflow.storage.outputs import given

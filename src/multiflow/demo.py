@@ -47,7 +47,7 @@ def build_demo_processor():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from multiflow.calibration.calibrate import LLAVA_15_CHAT_TEMPLATE
+    from multiflow.models.prompts import LLAVA_15_CHAT_TEMPLATE
 
     vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
     for ch in sorted(set(string.printable) - set("\x0b\x0c\r")):

@@ -19,20 +19,10 @@ from multiflow.calibration.text_data import DEFAULT_SEQ_LEN, TextWindow, check_s
 from multiflow.errors import MultiflowError
 from multiflow.models import inventory as layers
 from multiflow.models.loading import load_model
+from multiflow.models.prompts import build_prompt
 from multiflow.storage.stats_file import LayerStats, from_collector, save_stats
 
 log = logging.getLogger("multiflow")
-
-LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
-# The same conversation as a chat template (processor-side), for checkpoints converted on the fly.
-LLAVA_15_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
-    "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 
 DEFAULT_SAMPLES_PER_PASS = 64
 # Metadata that differs between two runs with the same inputs and options (the statistics never do).
@@ -77,19 +67,6 @@ class CalibrationConfig:
                                  "block, --device alone holds one block at a time)")
 
 
-def build_prompt(processor: Any, question: str, answer: str | None) -> str:
-    """The processor's chat template when it has one, else LLaVA-1.5's; ends at the answer slot
-    unless an answer is given."""
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if answer is None:
-            return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return processor.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
-    prompt = LLAVA_15_TEMPLATE.format(question=question)
-    return prompt if answer is None else f"{prompt} {answer}"
-
-
 # (layer, weight, sq_mean) -> keep mask, or None to leave the layer dense
 Masker = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
@@ -103,7 +80,7 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
     `pruner` does the same with its own hooks (SparseGPT: `reconstruction.SparseGPTStep`):
     `pruner.attach(loaded, collector, names)` is a context manager that yields the on_block.
     """
-    from multiflow import __version__
+    from multiflow._version import __version__
 
     sequential = masker is not None or pruner is not None
     if sequential and config.whole_model:

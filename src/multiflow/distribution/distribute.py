@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from multiflow.distribution import selection
 from multiflow.errors import MultiflowError
 from multiflow.models.inventory import Inventory, Layer
-from multiflow.storage.outputs import write_atomic  # also re-exported: older code imports it from here
+from multiflow.storage.outputs import write_atomic
 
 STAT_FIELDS = (
     "num_layers",
@@ -297,7 +297,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _meta(inventory: Inventory, groups: dict[str, list[Layer]]) -> dict[str, Any]:
-    from multiflow import __version__
+    from multiflow._version import __version__
 
     return {
         "tool": "multiflow",

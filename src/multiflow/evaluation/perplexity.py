@@ -33,7 +33,7 @@ def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
     """Perplexity of `config.model` on the windows of `config.data`; KL and top-1 agreement against
     `config.reference` when given. `config` is an `evaluation.EvalConfig`."""
     from multiflow.calibration.text_data import check_seq_len, encode_windows, load_windows, require_data
-    from multiflow.evaluation.evaluate import check_reference, kl_and_agreement, reference_warnings
+    from multiflow.evaluation.reference import check_reference, kl_and_agreement, reference_warnings
     from multiflow.models import inventory as layers
     from multiflow.models.loading import load_model
 

@@ -32,7 +32,7 @@ def convert_gguf(file: str | os.PathLike, output: str | os.PathLike, dtype: str 
     """Write `file` dequantized into the checkpoint folder `output`; return what was written."""
     import torch
 
-    from multiflow import __version__
+    from multiflow._version import __version__
     from multiflow.storage.outputs import REPORT_NAME, FolderOutput, file_mode
 
     file = Path(file)

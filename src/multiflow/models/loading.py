@@ -287,7 +287,7 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
     from transformers import (AddedToken, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
                               LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
-    from multiflow.calibration.calibrate import LLAVA_15_CHAT_TEMPLATE
+    from multiflow.models.prompts import LLAVA_15_CHAT_TEMPLATE
     from multiflow.storage.checkpoint import read_config, read_tensor
 
     config = read_config(folder)

@@ -506,7 +506,7 @@ def _report(config, inventory, plans, dist, calibration, digest) -> dict[str, An
     import safetensors
     import transformers
 
-    from multiflow import __version__
+    from multiflow._version import __version__
 
     per_layer = {
         p.layer.name: {"modality": p.layer.modality, "numel": p.layer.numel, "target_sparsity": p.target,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from multiflow.distribution.distribute import Distribution, write_atomic
+from multiflow.distribution.distribute import Distribution
+from multiflow.storage.outputs import write_atomic
 
 COLOURS = {"vision": "#1f77b4", "text": "#2ca02c", "fusion": "#d62728"}
 

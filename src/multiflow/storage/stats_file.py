@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from multiflow.calibration.statistics import Collector
-from multiflow.distribution.distribute import write_atomic
 from multiflow.errors import MultiflowError
+from multiflow.storage.outputs import write_atomic
 
 
 @dataclass
