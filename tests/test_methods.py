@@ -14,7 +14,8 @@ from multiflow.models.inventory import from_checkpoint
 from multiflow.models.loading import load_model
 from multiflow.models.prompts import build_prompt
 from multiflow.pruning import masks, scores
-from multiflow.pruning.prune import METHODS, PruneConfig, Structure, layer_score, plan
+from multiflow.pruning.methods import METHODS
+from multiflow.pruning.prune import ALLOCATIONS, COMPARISON_GROUPS, PruneConfig, Structure, layer_score, plan
 from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 from multiflow.storage.stats_file import load_stats
 
@@ -54,13 +55,24 @@ def test_ria_zero_rows_and_columns_score_zero():
 # --- the registry ----------------------------------------------------------------------------------------------
 
 def test_the_registry_is_the_single_list_of_scores():
-    assert METHODS == (*scores.SCORES, "sparsegpt") and "ria" in scores.SCORES
+    assert list(METHODS) == [*scores.SCORES, "sparsegpt"] and "ria" in scores.SCORES
+    assert list(scores.TILE_SCORERS) == list(scores.SCORES)  # every score also works under --update obs
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
     for command in ("run", "prune"):
-        method = next(a for a in subparsers[command]._actions if a.dest == "method")
-        assert list(method.choices) == list(METHODS)
-        assert all(scores.describe(n) in " ".join(method.help.split()) for n in scores.SCORES)
+        actions = {a.dest: a for a in subparsers[command]._actions}
+        assert list(actions["method"].choices) == list(METHODS)
+        assert all(scores.describe(n) in " ".join(actions["method"].help.split()) for n in scores.SCORES)
+        assert list(actions["allocation"].choices) == list(ALLOCATIONS)
+        assert all(a.help in " ".join(actions["allocation"].help.split()) for a in ALLOCATIONS.values())
+        assert list(actions["group"].choices) == list(COMPARISON_GROUPS)
+
+
+def test_an_unknown_allocation_or_group_is_an_error(tmp_path):
+    for field, flag in (("allocation", "--allocation"), ("group", "--group")):
+        with pytest.raises(MultiflowError, match=f"{flag} 'nope': choose one of"):
+            PruneConfig(model=tmp_path, output=tmp_path / "o", target_sparsity=0.5, method="magnitude",
+                        **{field: "nope"})
 
 
 def test_an_unknown_score_is_an_error_never_a_fallback(tmp_path, capsys):

@@ -138,6 +138,7 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     import time
 
     from multiflow.errors import MultiflowError
+    from multiflow.pruning import methods
     from multiflow.pruning.prune import SCORE_ALLOCATIONS, check_stats, masker_from_plans, plan
     from multiflow.pruning.prune import prune as _prune
     from multiflow.pruning.reconstruction import SparseGPTStep
@@ -145,19 +146,20 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     from multiflow.storage.outputs import FolderOutput
     from multiflow.storage.stats_file import load_stats
 
-    reconstructs = method == "sparsegpt" or update == "obs"
+    chosen = methods.method(method)
+    reconstructs = chosen.reconstructs or update == "obs"
     sequential = sequential or reconstructs
     prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
                       dead_layers=dead_layers, rules=rules, overwrite=overwrite,
                       deterministic_report=deterministic_report)
     update_args = dict(update=update, blocksize=blocksize, percdamp=percdamp)
-    if method == "magnitude" and not reconstructs:
+    if not chosen.needs_statistics and not reconstructs:
         _prune_config(model, output, target_sparsity, **prune_args, **update_args)  # validates update's flags too
         if sequential:
             raise MultiflowError("--sequential changes the statistics the scores use; --method magnitude uses none")
         return prune(model, output, target_sparsity, progress=progress, **prune_args)
     if reconstructs and whole_model:
-        raise MultiflowError(f"{'--method sparsegpt' if method == 'sparsegpt' else '--update obs'} prunes block by "
+        raise MultiflowError(f"{f'--method {method}' if chosen.reconstructs else '--update obs'} prunes block by "
                              "block as calibration reaches each block: drop --whole-model")
     # checked before the long calibration pass (prune checks again, and at the end before replacing anything)
     FolderOutput(output, {"the input model folder": model, "the --vision-tower folder": vision_tower,

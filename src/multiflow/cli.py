@@ -13,6 +13,7 @@ from pathlib import Path
 from multiflow._version import __version__
 from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
+from multiflow.models.loading import DTYPES
 from multiflow.storage.outputs import given
 
 log = logging.getLogger("multiflow")
@@ -76,7 +77,7 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
                         "SparseGPT and Wanda use 2048 on LLaMA)")
     c.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
                    help="samples per forward pass (default 1); results equal up to float rounding")
-    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    c.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype to run the model in (default float32)")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when available; default cpu). "
                    "Block by block, the GPU holds one block's weights at a time")
@@ -99,27 +100,22 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    from multiflow.pruning.prune import METHODS
-    from multiflow.pruning.scores import SCORES, describe
+    from multiflow.pruning.methods import METHODS
+    from multiflow.pruning.prune import ALLOCATIONS, COMPARISON_GROUPS, DEAD_LAYERS, SCORE_ALLOCATIONS
 
-    p.add_argument("--method", choices=METHODS, default="multiflow",
+    p.add_argument("--method", choices=list(METHODS), default="multiflow",
                    help="the score that chooses the pruned weights (a_j = sqrt(mean x_j^2) over calibration "
-                        "tokens). " + "; ".join(describe(n) for n in SCORES) +
-                        "; sparsegpt: SparseGPT (Frantar & Alistarh 2023), its own w^2/[H^-1]_jj^2 and the OBS "
-                        "update of the kept weights from each layer's input Hessian (run only, always sequential)")
-    p.add_argument("--allocation", choices=["modality", "uniform", "global", "scores", "owl"], default="modality",
-                   help="per-layer sparsity: modality = Step 1's per-modality magnitude map (default), uniform = "
-                        "every layer at the target, global = one magnitude threshold over all modalities (ablation), "
-                        "scores = one threshold per modality over each layer's --method scores divided by their "
-                        "mean, owl = outlier-weighted (OWL: layers with more scores above 5x their mean keep more, "
-                        "within +-0.08 of the target); scores and owl use wanda's scores with --method sparsegpt")
-    p.add_argument("--group", choices=["layer", "row"], default="layer",
+                        "tokens). " + "; ".join(m.help for m in METHODS.values()))
+    p.add_argument("--allocation", choices=list(ALLOCATIONS), default="modality",
+                   help="per-layer sparsity: " + ", ".join(f"{n} = {a.help}" for n, a in ALLOCATIONS.items()) +
+                        f"; {' and '.join(SCORE_ALLOCATIONS)} use wanda's scores with --method sparsegpt")
+    p.add_argument("--group", choices=list(COMPARISON_GROUPS), default="layer",
                    help="comparison group for the threshold: the whole matrix (default, as the paper) or each "
                         "output row (Wanda's choice)")
     p.add_argument("--structure", default="unstructured",
                    help="unstructured (default) or N:M = keep N of every M consecutive inputs of a row "
                         "(2:4 keeps 2 of 4); with N:M the allocation does not apply")
-    p.add_argument("--dead-layers", choices=["keep", "prune"], default="keep",
+    p.add_argument("--dead-layers", choices=list(DEAD_LAYERS), default="keep",
                    help="layers whose output never reaches the model's output (LLaVA-1.5: the last CLIP layer): "
                         "keep = treat as any layer (default, as the paper); prune = zero them and count them "
                         "toward their modality's target")
@@ -141,6 +137,8 @@ def _deterministic_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from multiflow.pruning.prune import UPDATES
+
     parser = _Parser(
         prog="multiflow",
         description="MULTIFLOW modality-aware pruning for vision-language models (LLaVA-1.5 first).",
@@ -219,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the outputs of the already-pruned blocks before it (as Wanda and "
                         "SparseGPT do; each block runs twice). Default: one pass over the dense model, as the paper")
-    r.add_argument("--update", choices=["none", "obs"], default="none",
+    r.add_argument("--update", choices=list(UPDATES), default="none",
                    help="reconstruction of the kept weights: none = masks only (default); obs = SparseGPT's "
                         "optimal-brain-surgeon update from each layer's input Hessian, the --method score choosing "
                         "each column block's mask from the already updated weights (always sequential; "
@@ -257,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
                    help=f"plain language model: perplexity over non-overlapping windows of N tokens "
                         f"(default {DEFAULT_SEQ_LEN}); --nsamples then counts windows")
-    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    e.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype to run the models in (default float32)")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     e.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (off by default)")
@@ -275,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("gguf", metavar="FILE", help="the .gguf file")
     g.add_argument("--output", metavar="DIR", required=True, help="folder to write (new or empty)")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype of the written weights (default float32: every dequantized value exactly)")
     g.add_argument("--overwrite", action="store_true", help="replace a previous multiflow output folder")
     g.add_argument("--quiet", action="store_true", help="print only the output path")
@@ -430,6 +428,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from multiflow import api
+    from multiflow.pruning.methods import METHODS
     from multiflow.pruning.prune import Structure
     from multiflow.reporting.console import render_prune
 
@@ -439,7 +438,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MultiflowError("give --target-sparsity (or --structure N:M)")
     given(args.output)  # checked in full by api.run, before the calibration pass
     obs = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
-    if obs and args.method != "sparsegpt" and args.update != "obs":
+    if obs and not METHODS[args.method].reconstructs and args.update != "obs":
         raise MultiflowError(f"--{next(iter(obs))} sets the OBS weight update: add --update obs (or use --method "
                              "sparsegpt), or drop it")
     model = _resolve_model(args.model)

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -28,17 +28,15 @@ from multiflow.errors import MultiflowError
 from multiflow.models import inventory as layers_mod
 from multiflow.models.inventory import Inventory, Layer
 from multiflow.pruning import masks, scores
+from multiflow.pruning.methods import METHODS
 from multiflow.storage.checkpoint import check_finite, list_tensors, read_tensors
 from multiflow.storage.outputs import REPORT_NAME, FolderOutput, write_atomic
 from multiflow.storage.stats_file import LayerStats, load_stats
 
 log = logging.getLogger("multiflow")
 
-METHODS = (*scores.SCORES, "sparsegpt")  # a score (scores.SCORES) or sparsegpt (reconstruction.py, `run` only)
 UPDATES = ("none", "obs")  # obs: SparseGPT's weight update after each tile's mask (reconstruction.py, `run` only)
-ALLOCATIONS = ("modality", "uniform", "global", "scores", "owl")
-SCORE_ALLOCATIONS = ("scores", "owl")  # per-layer sparsity from the scores: need the statistics before planning
-GROUPS = ("layer", "row")
+DEAD_LAYERS = ("keep", "prune")  # keep: prune as any layer (the paper); prune: zero the layers whose output is never used
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SPARSEGPT_NEEDS_RUN = ("--method sparsegpt updates the weights from each layer's Hessian, collected while "
                        "calibrating block by block: use `multiflow run --method sparsegpt` (multiflow.run(..., "
@@ -46,6 +44,13 @@ SPARSEGPT_NEEDS_RUN = ("--method sparsegpt updates the weights from each layer's
 UPDATE_NEEDS_RUN = ("--update obs updates the weights from each layer's Hessian, collected while calibrating block "
                     "by block: use `multiflow run --update obs` (multiflow.run(..., update='obs')); prune from a "
                     "stats file and prune_module cannot")
+
+
+# --group: what one threshold compares -> the keep-mask of k pruned per group (masks.py, looked up at call time)
+COMPARISON_GROUPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "layer": lambda score, k: masks.layer_mask(score, k),  # the whole matrix, k pruned
+    "row": lambda score, k: masks.row_mask(score, k),  # each output row, k pruned per row
+}
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         for value, allowed, flag in ((self.method, METHODS, "--method"), (self.allocation, ALLOCATIONS, "--allocation"),
-                                     (self.group, GROUPS, "--group"), (self.dead_layers, ("keep", "prune"), "--dead-layers"),
+                                     (self.group, COMPARISON_GROUPS, "--group"), (self.dead_layers, DEAD_LAYERS, "--dead-layers"),
                                      (self.update, UPDATES, "--update")):
             if value not in allowed:
                 raise MultiflowError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
@@ -105,7 +110,7 @@ class PruneConfig:
             raise MultiflowError(f"--blocksize {self.blocksize}: give at least 1")
         if not 0 <= self.percdamp < float("inf"):
             raise MultiflowError(f"--percdamp {self.percdamp}: give a number >= 0 (SparseGPT uses 0.01)")
-        if self.method not in (*scores.NO_STATISTICS, "sparsegpt") and self.stats is None:
+        if METHODS[self.method].needs_statistics and not METHODS[self.method].reconstructs and self.stats is None:
             raise MultiflowError(f"--method {self.method} needs activation statistics: pass --stats stats.safetensors "
                                  "(from multiflow calibrate), or use --method magnitude")
         if self.structure.is_n_m:
@@ -125,13 +130,13 @@ class PruneConfig:
     @property
     def reconstructs(self) -> bool:
         """The kept weights get SparseGPT's OBS update: --method sparsegpt, or a score with --update obs."""
-        return self.method == "sparsegpt" or self.update == "obs"
+        return METHODS[self.method].reconstructs or self.update == "obs"
 
     @property
     def allocation_score(self) -> str:
         """The score --allocation scores / owl plans from: the --method's; wanda's for sparsegpt (OWL+SparseGPT in
         the OWL paper takes its outlier ratios from Wanda's |W| * ||x|| on the dense model)."""
-        return "wanda" if self.method == "sparsegpt" else self.method
+        return METHODS[self.method].planning_score
 
 
 @dataclass
@@ -146,9 +151,12 @@ class LayerPlan:
     written: bool = False  # set by Step 3 once its zeros are checked in the bytes written
 
 
+_Planned = tuple[list[LayerPlan], "Distribution | None"]
+
+
 def plan(config: PruneConfig, inventory: Inventory, progress: bool = True,
          stats: dict[str, LayerStats] | None = None) -> tuple[list[LayerPlan], Distribution | None]:
-    """Per-layer pruning counts from the allocation; validates the distribution against the model.
+    """Per-layer pruning counts from the allocation (ALLOCATIONS); validates the distribution against the model.
     `stats` (the score allocations need them unless --method magnitude): {layer name: LayerStats}."""
     dead = set(inventory.dead_layers()) if config.dead_layers == "prune" else set()
     if config.structure.is_n_m:
@@ -158,34 +166,38 @@ def plan(config: PruneConfig, inventory: Inventory, progress: bool = True,
                 raise MultiflowError(f"layer {layer.name} has {layer.shape[1]} inputs, not a multiple of M={s.m} "
                                      f"for --structure {s}")
         return [LayerPlan(l, 0, 1 - s.n / s.m) for l in inventory.layers], None
-    if config.allocation in SCORE_ALLOCATIONS:
-        return _score_plans(config, inventory, stats, progress), None
-    if config.allocation == "uniform":
-        s = check_target(config.target_sparsity)
-        dist = None
-        plans = [LayerPlan(l, _k(config, l, s), s) for l in inventory.layers]
-    else:
-        if config.distribution is not None:
-            dist = Distribution.load(config.distribution)
-            _check_distribution(dist, inventory, config.distribution)
-            if config.target_sparsity is not None and config.target_sparsity != dist.target_sparsity:
-                raise MultiflowError(f"--target-sparsity {config.target_sparsity} but {config.distribution} was "
-                                     f"computed for {dist.target_sparsity}")
-        else:
-            dist = distribute(inventory, [config.target_sparsity], progress, pooled=config.allocation == "global",
-                              dead=dead)[0]
-        plans = []
-        for l in inventory.layers:
-            share = dist.layers[l.name]
-            plans.append(LayerPlan(l, share.pruned if config.group == "layer" else _k(config, l, share.sparsity),
-                                   share.sparsity))
+    plans, dist = ALLOCATIONS[config.allocation].plan(config, inventory, stats, progress, dead)
     for p in plans:
         if p.layer.name in dead:
             p.dead, p.k, p.target = True, (p.layer.numel if config.group == "layer" else p.layer.shape[1]), 1.0
     return plans, dist
 
 
-def _score_plans(config: PruneConfig, inventory: Inventory, stats, progress: bool) -> list[LayerPlan]:
+def _uniform(config: PruneConfig, inventory: Inventory, stats, progress: bool, dead: set[str]) -> _Planned:
+    s = check_target(config.target_sparsity)
+    return [LayerPlan(l, _k(config, l, s), s) for l in inventory.layers], None
+
+
+def _from_distribution(config: PruneConfig, inventory: Inventory, stats, progress: bool, dead: set[str]) -> _Planned:
+    """modality (Step 1's map, from --distribution or computed) and global (one threshold over all modalities)."""
+    if config.distribution is not None:
+        dist = Distribution.load(config.distribution)
+        _check_distribution(dist, inventory, config.distribution)
+        if config.target_sparsity is not None and config.target_sparsity != dist.target_sparsity:
+            raise MultiflowError(f"--target-sparsity {config.target_sparsity} but {config.distribution} was "
+                                 f"computed for {dist.target_sparsity}")
+    else:
+        dist = distribute(inventory, [config.target_sparsity], progress, pooled=config.allocation == "global",
+                          dead=dead)[0]
+    plans = []
+    for l in inventory.layers:
+        share = dist.layers[l.name]
+        plans.append(LayerPlan(l, share.pruned if config.group == "layer" else _k(config, l, share.sparsity),
+                               share.sparsity))
+    return plans, dist
+
+
+def _score_plans(config: PruneConfig, inventory: Inventory, stats, progress: bool, dead: set[str]) -> _Planned:
     from multiflow.pruning import allocation
 
     s = check_target(config.target_sparsity)
@@ -201,9 +213,30 @@ def _score_plans(config: PruneConfig, inventory: Inventory, stats, progress: boo
     if config.allocation == "scores":
         counts = allocation.score_counts(inventory, score, s, progress)
         return [LayerPlan(l, counts[l.name] if config.group == "layer" else _k(config, l, counts[l.name] / l.numel),
-                          counts[l.name] / l.numel) for l in inventory.layers]
+                          counts[l.name] / l.numel) for l in inventory.layers], None
     sparsities = allocation.owl_sparsities(inventory, score, s)
-    return [LayerPlan(l, _k(config, l, sparsities[l.name]), sparsities[l.name]) for l in inventory.layers]
+    return [LayerPlan(l, _k(config, l, sparsities[l.name]), sparsities[l.name]) for l in inventory.layers], None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """An --allocation: how each layer's share of the target is decided."""
+
+    help: str
+    plan: Callable[..., _Planned]  # (config, inventory, stats, progress, dead layer names) -> (plans, distribution)
+    from_scores: bool = False  # needs every layer's scores (so the statistics) before planning
+
+
+ALLOCATIONS: dict[str, Allocation] = {
+    "modality": Allocation("Step 1's per-modality magnitude map (default)", _from_distribution),
+    "uniform": Allocation("every layer at the target", _uniform),
+    "global": Allocation("one magnitude threshold over all modalities (ablation)", _from_distribution),
+    "scores": Allocation("one threshold per modality over each layer's --method scores divided by their mean",
+                         _score_plans, from_scores=True),
+    "owl": Allocation("outlier-weighted (OWL: layers with more scores above 5x their mean keep more, within "
+                      "+-0.08 of the target)", _score_plans, from_scores=True),
+}
+SCORE_ALLOCATIONS = tuple(name for name, a in ALLOCATIONS.items() if a.from_scores)
 
 
 def _k(config: PruneConfig, layer: Layer, s: float) -> int:
@@ -237,7 +270,7 @@ def check_stats(stats: dict[str, LayerStats], inventory: Inventory, where: Path)
 
 def layer_score(method: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> torch.Tensor:
     """A layer's float32 importance scores by --method (`scores.SCORES`; an unknown name is an error)."""
-    if method == "sparsegpt":
+    if method in METHODS and METHODS[method].score is None:
         raise MultiflowError(SPARSEGPT_NEEDS_RUN)
     return scores.score(method, weight, sq_mean)
 
@@ -252,9 +285,7 @@ def layer_mask(weight: torch.Tensor, plan_: LayerPlan, config: PruneConfig, sq_m
 def _mask_of(score: torch.Tensor, plan_: LayerPlan, config: PruneConfig) -> torch.Tensor:
     if config.structure.is_n_m:
         return masks.n_m_mask(score, config.structure.n, config.structure.m)
-    if config.group == "row":
-        return masks.row_mask(score, plan_.k)
-    return masks.layer_mask(score, plan_.k)
+    return COMPARISON_GROUPS[config.group](score, plan_.k)
 
 
 def checked_mask(weight: torch.Tensor, plan_: LayerPlan, config: PruneConfig, sq_mean: torch.Tensor | None,
@@ -347,19 +378,20 @@ def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats
     of a `statistics.collect_statistics` run), needed by wanda and multiflow. `rules`: as Step 1's.
     Returns the report (`prune`'s fields without the file ones).
     """
-    if method == "sparsegpt":
+    if method in METHODS and METHODS[method].reconstructs:
         raise MultiflowError(SPARSEGPT_NEEDS_RUN)
+    needs_stats = method not in METHODS or METHODS[method].needs_statistics
     config = PruneConfig(model=_IN_MEMORY, output=_IN_MEMORY, target_sparsity=target_sparsity,
-                         stats=None if method == "magnitude" else _IN_MEMORY, method=method, allocation=allocation,
+                         stats=_IN_MEMORY if needs_stats else None, method=method, allocation=allocation,
                          group=group, structure=Structure.parse(structure), dead_layers=dead_layers)
     inventory = layers_mod.from_module(model, rules)
-    if method != "magnitude":
+    if needs_stats:
         check_stats(stats or {}, inventory, Path("stats"))
     plans, dist = plan(config, inventory, progress=False, stats=stats)
     with torch.no_grad():
         for p in plans:
             weight = p.layer.handle
-            sq_mean = None if method == "magnitude" else stats[p.layer.name].sq_mean
+            sq_mean = stats[p.layer.name].sq_mean if needs_stats else None
             keep = checked_mask(weight.detach().cpu(), p, config, sq_mean).to(weight.device)
             weight.masked_fill_(~keep, 0)
             p.pruned, p.written = int(keep.numel() - keep.sum()), True
@@ -380,13 +412,13 @@ def prune(config: PruneConfig, progress: bool = True, calibration: dict[str, Any
     `updated(layer name, tensor) -> keep mask` writes a layer's new weights into its tensor instead of
     masking it (--method sparsegpt, --update obs: `reconstruction.SparseGPTStep.updated`)."""
     if config.reconstructs and updated is None:
-        raise MultiflowError(SPARSEGPT_NEEDS_RUN if config.method == "sparsegpt" else UPDATE_NEEDS_RUN)
+        raise MultiflowError(SPARSEGPT_NEEDS_RUN if METHODS[config.method].reconstructs else UPDATE_NEEDS_RUN)
     target = FolderOutput(config.output, output_inputs(config), config.overwrite)
     inventory = layers_mod.from_checkpoint(config.model, config.rules)
     if any(e.begin is None for e in list_tensors(config.model, allow_pickle=True)):
         raise MultiflowError(f"{config.model} holds pickled weights; convert them to safetensors before pruning")
     stats, stats_meta = (None, {})
-    if config.method != "magnitude":
+    if METHODS[config.method].needs_statistics:
         stats, stats_meta = load_stats(config.stats)
         check_stats(stats, inventory, config.stats)
     started = time.perf_counter()

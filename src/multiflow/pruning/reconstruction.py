@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from multiflow.errors import MultiflowError
 from multiflow.pruning import scores
+from multiflow.pruning.methods import METHODS
 from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 
@@ -46,7 +47,7 @@ class SparseGPTStep:
         s = config.structure
         self.structure = (s.n, s.m) if s.is_n_m else None
         self.group = config.group
-        self.score = None if config.method == "sparsegpt" else scores.check_score(config.method)  # None: w^2/d^2
+        self.score = METHODS[config.method].score  # None: SparseGPT's own w^2/d^2
         self.flag = "--method sparsegpt" if self.score is None else f"--method {self.score} --update obs"
         self.plans = {p.layer.name: p for p in plans}
         self.scratch = Path(scratch)

@@ -109,6 +109,34 @@ def describe(name: str) -> str:
     return SCORES[check_score(name)].__doc__.strip().splitlines()[0].rstrip(".")
 
 
+def _magnitude_tiles(weight: torch.Tensor, sq_mean: torch.Tensor | None) -> TileScorer:
+    return lambda tile, d, columns: tile.float().abs()
+
+
+def _wanda_tiles(weight: torch.Tensor, sq_mean: torch.Tensor) -> TileScorer:
+    a = activation_norm(sq_mean)
+    return lambda tile, d, columns: tile.float().abs().mul_(a[None, columns])
+
+
+def _multiflow_tiles(weight: torch.Tensor, sq_mean: torch.Tensor) -> TileScorer:
+    _, imp_out, imp_in = _flow(weight, sq_mean)
+    return lambda tile, d, columns: tile.float().abs().mul_(imp_out[:, None]).mul_(imp_in[None, columns])
+
+
+def _ria_tiles(weight: torch.Tensor, sq_mean: torch.Tensor) -> TileScorer:
+    rows, cols, act = _ria_parts(weight, sq_mean)
+    return lambda tile, d, columns: _ria(tile.float().abs(), rows, cols[columns], act[columns])
+
+
+# Each score's tile form for SparseGPT's OBS update: a new SCORES entry adds its line here too (tested).
+TILE_SCORERS: dict[str, Callable[[torch.Tensor, "torch.Tensor | None"], TileScorer]] = {
+    "multiflow": _multiflow_tiles,
+    "wanda": _wanda_tiles,
+    "magnitude": _magnitude_tiles,
+    "ria": _ria_tiles,
+}
+
+
 def tile_scorer(name: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> TileScorer:
     """`SCORES[name]` as sparsegpt_prune's `score` hook, for the OBS update (`--update obs`).
 
@@ -121,16 +149,4 @@ def tile_scorer(name: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -
     inputs as the Hessian (H_jj / 2). On `weight` itself, any tile's scores equal
     `SCORES[name](weight, sq_mean)[:, columns]` bit for bit (tested).
     """
-    check_score(name)
-    if name == "magnitude":
-        return lambda tile, d, columns: tile.float().abs()
-    if name == "wanda":
-        a = activation_norm(sq_mean)
-        return lambda tile, d, columns: tile.float().abs().mul_(a[None, columns])
-    if name == "multiflow":
-        _, imp_out, imp_in = _flow(weight, sq_mean)
-        return lambda tile, d, columns: tile.float().abs().mul_(imp_out[:, None]).mul_(imp_in[None, columns])
-    if name == "ria":
-        rows, cols, act = _ria_parts(weight, sq_mean)
-        return lambda tile, d, columns: _ria(tile.float().abs(), rows, cols[columns], act[columns])
-    raise AssertionError(f"score {name!r} has no tile scorer")  # a new SCORES entry must be added here
+    return TILE_SCORERS[check_score(name)](weight, sq_mean)
