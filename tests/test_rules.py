@@ -8,7 +8,7 @@ from torch import nn
 
 import multiflow
 from multiflow.models import inventory as layers
-from multiflow.models.families import FAMILIES, family_for, load_rules_file
+from multiflow.models.families import FAMILIES, family_by_name, family_for, load_rules_file
 
 
 def test_family_detection_from_config():
@@ -138,3 +138,26 @@ def test_bad_rules_files(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(multiflow.MultiflowError, match=message):
         load_rules_file(path)
+
+
+def test_llava_next_is_llava_with_its_own_markers():
+    from dataclasses import replace
+
+    llava, llava_next = family_by_name("llava"), family_by_name("llava_next")
+    assert llava_next.model_types == ("llava_next",) and llava_next.rules.rules == llava.rules.rules
+    assert replace(llava_next, rules=replace(llava_next.rules, name="llava"), model_types=llava.model_types,
+                   architectures=llava.architectures) == llava
+
+
+def test_family_names_appear_only_in_the_family_table():
+    """No `if family == "llava-original"` in an algorithm: family knowledge is data (models/families.py), plus
+    the converter registry of models/loading.py."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "src" / "multiflow"
+    for path in src.rglob("*.py"):
+        if path.name == "families.py":
+            continue
+        for line in path.read_text().splitlines():
+            if '"llava-original"' in line or "'llava-original'" in line:
+                assert path.name == "loading.py" and line.startswith("_CONVERTERS"), f"{path}: {line.strip()}"

@@ -195,11 +195,11 @@ def _pruning_step(loaded, collector, names: set[str], masker: Masker):
 
 
 def _aligned_pattern(family, loaded) -> str | None:
-    """Which loaded-model layers see prompt-aligned tokens (family data; converted models are transformers LLaVA)."""
+    """Which loaded-model layers see prompt-aligned tokens (family data; a converted model's: its target family's)."""
     from multiflow.models.families import family_by_name
 
-    if family is not None and family.naming == "llava-original":
-        return family_by_name("llava").aligned_layers
+    if family is not None and family.converted_to is not None:
+        return family_by_name(family.converted_to).aligned_layers
     return family.aligned_layers if family else None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -83,12 +83,14 @@ class Family:
     `renames` turn checkpoint keys of every layout the family has into module
     names; the first pattern that matches wins (`re.sub`, once).
     `vision_tower_prefix`, when set, is where the weights of a separate CLIP
-    folder (`--vision-tower`) are placed. `aligned_layers` selects the layers
+    folder (`--vision-tower`) are placed (`vision_tower_name`). `aligned_layers` selects the layers
     whose inputs line up with the prompt's token positions (padding and image
     tokens are told apart there in Step 2). `task` says which transformers Auto class runs the model
     and what its inputs are: "image-text-to-text" (images and prompts, a processor) or
     "text-generation" (a plain causal LM: text only, a tokenizer). `architecture_pattern` matches
-    any `config.architectures` entry by regular expression (a catch-all family).
+    any `config.architectures` entry by regular expression (a catch-all family). `converted_to` names
+    the family whose transformers model a checkpoint of this family becomes in memory to run (Step 2,
+    eval), `conversion_renames` mapping this family's module names to that model's.
     """
 
     rules: ModalityRules
@@ -99,12 +101,23 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()
     vision_tower_prefix: str | None = None
     vision_tower_config_key: str | None = None
+    vision_tower_strip: str = "vision_model."  # prefix of the separate folder's own keys, replaced by the prefix
+    vision_tower_skip: str = r"^(text_model\.|text_projection|visual_projection|logit_scale)"  # not vision weights
     aligned_layers: str | None = None  # layers whose inputs line up with the prompt's tokens (Step 2)
     # Dead layers: vision layers past the one whose output the model reads (config key), by index.
     feature_layer_key: str | None = None
     vision_layer_pattern: str | None = None  # regex whose group 1 is the vision layer index
     task: str = "image-text-to-text"  # or "text-generation": a plain causal LM (tokenizer, text only)
     architecture_pattern: str | None = None
+    converted_to: str | None = None  # run as this family's transformers model (a converter in models/loading.py)
+    conversion_renames: tuple[tuple[str, str], ...] = ()  # this family's names -> the converted model's
+
+    def vision_tower_name(self, key: str) -> str | None:
+        """A separate vision tower folder's key (`--vision-tower`, a CLIP folder) as this family names it, or
+        None for the folder's weights that are not the vision tower (CLIP's text model and heads)."""
+        if self.vision_tower_prefix is None or re.match(self.vision_tower_skip, key):
+            return None
+        return self.vision_tower_prefix + key.removeprefix(self.vision_tower_strip)
 
     @property
     def text_only(self) -> bool:
@@ -163,6 +176,17 @@ _LLAVA_RENAMES = (
     (r"^image_newline$", "model.image_newline"),
 )
 
+_LLAVA = Family(
+    rules=ModalityRules("llava", ("vision", "text", "fusion"), _LLAVA_RULES),
+    naming="transformers",
+    model_types=("llava",),
+    architectures=("LlavaForConditionalGeneration",),
+    renames=_LLAVA_RENAMES,
+    aligned_layers=r"^model\.language_model\.",
+    feature_layer_key="vision_feature_layer",
+    vision_layer_pattern=r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
+)
+
 FAMILIES: tuple[Family, ...] = (
     # The original LLaVA repository (haotian-liu/LLaVA): its own module names.
     Family(
@@ -184,27 +208,19 @@ FAMILIES: tuple[Family, ...] = (
         aligned_layers=r"^model\.layers\.",
         feature_layer_key="mm_vision_select_layer",
         vision_layer_pattern=r"^model\.vision_tower\.vision_tower\.vision_model\.encoder\.layers\.(\d+)\.",
+        # run as transformers' LlavaForConditionalGeneration (as its convert_llava_weights_to_hf.py does)
+        converted_to="llava",
+        conversion_renames=(
+            (r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
+            (r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
+            (r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower."),
+            (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
+        ),
     ),
-    Family(
-        rules=ModalityRules("llava", ("vision", "text", "fusion"), _LLAVA_RULES),
-        naming="transformers",
-        model_types=("llava",),
-        architectures=("LlavaForConditionalGeneration",),
-        renames=_LLAVA_RENAMES,
-        aligned_layers=r"^model\.language_model\.",
-        feature_layer_key="vision_feature_layer",
-        vision_layer_pattern=r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
-    ),
-    Family(
-        rules=ModalityRules("llava_next", ("vision", "text", "fusion"), _LLAVA_RULES),
-        naming="transformers",
-        model_types=("llava_next",),
-        architectures=("LlavaNextForConditionalGeneration",),
-        renames=_LLAVA_RENAMES,
-        aligned_layers=r"^model\.language_model\.",
-        feature_layer_key="vision_feature_layer",
-        vision_layer_pattern=r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
-    ),
+    _LLAVA,
+    # LLaVA-NeXT: LLaVA's names and rules (its image_newline is a 1-D parameter, never a candidate)
+    replace(_LLAVA, rules=replace(_LLAVA.rules, name="llava_next"), model_types=("llava_next",),
+            architectures=("LlavaNextForConditionalGeneration",)),
     Family(
         rules=ModalityRules(
             "qwen2_vl",
@@ -299,6 +315,15 @@ def family_for(config: Mapping[str, Any]) -> Family | None:
     for family in FAMILIES:
         if family.matches(config):
             return family
+    return None
+
+
+def rename(key: str, renames: tuple[tuple[str, str], ...]) -> str | None:
+    """`key` renamed by the first (pattern, replacement) whose pattern matches (`re.sub`, once); None if none does."""
+    for pattern, replacement in renames:
+        renamed, n = re.subn(pattern, replacement, key, count=1)
+        if n:
+            return renamed
     return None
 
 

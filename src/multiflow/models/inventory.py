@@ -17,13 +17,10 @@ import torch
 from torch import nn
 
 from multiflow.errors import MultiflowError
-from multiflow.models.families import Family, ModalityRules, Rule, family_for, load_rules_file
+from multiflow.models.families import Family, ModalityRules, Rule, family_for, load_rules_file, rename
 from multiflow.storage.checkpoint import TensorEntry, list_tensors, read_config, read_tensors
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Keys of a full CLIPModel folder that are not part of a LLaVA vision tower.
-_CLIP_NOT_VISION = re.compile(r"^(text_model\.|text_projection|visual_projection|logit_scale)")
 
 
 @dataclass(frozen=True)
@@ -160,11 +157,9 @@ def _resolve_rules(config: dict[str, Any], rules: Any, where: str) -> tuple[Moda
 
 
 def module_name(key: str, renames: tuple[tuple[str, str], ...]) -> str:
-    for pattern, replacement in renames:
-        renamed, n = re.subn(pattern, replacement, key, count=1)
-        if n:
-            return renamed
-    return key
+    """A checkpoint key as a module name: the family's (or rules file's) first matching rename, else unchanged."""
+    renamed = rename(key, renames)
+    return key if renamed is None else renamed
 
 
 def from_checkpoint(
@@ -192,10 +187,9 @@ def from_checkpoint(
             vt = Path(vision_tower)
             read_config(vt)
             for entry in list_tensors(vt, allow_pickle):
-                if _CLIP_NOT_VISION.match(entry.key):
-                    continue
-                stem = entry.key.removesuffix(".weight").removeprefix("vision_model.")
-                weighted.append((family.vision_tower_prefix + stem, entry))
+                name = family.vision_tower_name(entry.key.removesuffix(".weight"))
+                if name is not None:
+                    weighted.append((name, entry))
             notes.append(f"vision tower weights read from {vt}")
         elif not has_vision:
             named = config.get(family.vision_tower_config_key or "", "a CLIP checkpoint")

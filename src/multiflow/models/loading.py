@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from multiflow.errors import MultiflowError
+from multiflow.models.families import rename
 from multiflow.models.inventory import Inventory, module_name
 from multiflow.storage.checkpoint import TensorEntry, check_finite, list_tensors, read_tensors
 
@@ -159,11 +160,12 @@ def load_model(
     target = resolve_device(device)
     if trust_remote_code:
         warn_remote_code(folder)
-    if inventory.naming == "llava-original":
+    if inventory.family is not None and inventory.family.converted_to is not None:
         if device_map is not None:
             raise MultiflowError("--device-map applies to transformers-layout checkpoints; an original-layout LLaVA "
                                  "is converted in memory: use --device")
-        return _load_original(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle, lazy)
+        convert = _CONVERTERS[inventory.family.name]
+        return convert(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle, lazy)
     text_only = inventory.family is not None and inventory.family.text_only  # a plain causal LM: a tokenizer
     auto_model = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
     try:
@@ -258,26 +260,6 @@ def _move_buffers(model: torch.nn.Module, device: torch.device) -> None:
                 module._buffers[key] = buffer.to(device)
 
 
-# Original LLaVA repository key -> transformers (5.x, in-memory) module path, first match wins.
-_ORIGINAL_TO_HF = (
-    (r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
-    (r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
-    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower."),
-    (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
-)
-_CLIP_TO_HF = ((r"^vision_model\.", "model.vision_tower."),)
-
-
-def _rename(key: str, rules) -> str | None:
-    import re
-
-    for pattern, replacement in rules:
-        renamed, n = re.subn(pattern, replacement, key, count=1)
-        if n:
-            return renamed
-    return None
-
-
 def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, device: torch.device,
                    vision_tower: str | Path | None, allow_pickle: bool, lazy: bool = False) -> LoadedModel:
     """Convert an original-layout LLaVA checkpoint to the equivalent transformers LlavaForConditionalGeneration
@@ -290,8 +272,9 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
     from multiflow.models.prompts import LLAVA_15_CHAT_TEMPLATE
     from multiflow.storage.checkpoint import read_config, read_tensor
 
+    family = inventory.family
     config = read_config(folder)
-    sources = [(e, _rename(e.key, _ORIGINAL_TO_HF) or e.key) for e in list_tensors(folder, allow_pickle)]
+    sources = [(e, rename(e.key, family.conversion_renames) or e.key) for e in list_tensors(folder, allow_pickle)]
     clip_folder = Path(vision_tower) if vision_tower else None
     if not any(name.startswith("model.vision_tower.") for _, name in sources):
         if clip_folder is None:
@@ -299,8 +282,8 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
                 f"{folder} is an original-layout LLaVA checkpoint without its vision tower weights (config names "
                 f"{config.get('mm_vision_tower')}); pass --vision-tower PATH to a local copy of that CLIP folder"
             )
-        sources += [(e, name) for e in list_tensors(clip_folder, allow_pickle)
-                    if (name := _rename(e.key, _CLIP_TO_HF)) is not None]
+        sources += [(e, rename(name, family.conversion_renames) or name)
+                    for e in list_tensors(clip_folder, allow_pickle) if (name := family.vision_tower_name(e.key))]
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise MultiflowError(f"{folder}: mm_projector_type {config.get('mm_projector_type')!r} has no transformers "
                              "equivalent (LLaVA-1.5 uses mlp2x_gelu)")
@@ -357,7 +340,7 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
             hf = name.removesuffix(".weight")
             original = entry.key.removesuffix(".weight")
             if entry.file.parent != folder:  # from the CLIP folder: named as inside the LLaVA checkpoint
-                original = (inventory.family.vision_tower_prefix or "") + original.removeprefix("vision_model.")
+                original = family.vision_tower_name(original)
             to_original[hf] = original
     wanted = {layer.name for layer in inventory.layers}
     mapping = {hf: orig for hf, orig in to_original.items() if orig in wanted}
@@ -365,3 +348,7 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
         raise MultiflowError(f"{folder}: converted model lacks layers {sorted(wanted - set(mapping.values()))[:3]}")
     model.eval()
     return LoadedModel(model, processor, device, llava.image_token_id, mapping, source if lazy else None, dtype)
+
+
+# Families run as another family's transformers model (Family.converted_to): family name -> converter.
+_CONVERTERS = {"llava-original": _load_original}
