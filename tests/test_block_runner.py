@@ -14,7 +14,8 @@ from multiflow.errors import MultiflowError
 from multiflow.models.inventory import from_checkpoint
 from multiflow.models.loading import load_model
 from multiflow.models.prompts import build_prompt
-from multiflow.pruning.prune import PruneConfig, masker_for
+from multiflow.pruning.config import PruneConfig
+from multiflow.pruning.masking import masker_for
 from multiflow.storage.stats_file import load_stats
 
 

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from multiflow.calibration.calibrate import VOLATILE_META_FIELDS
 from multiflow.cli import main
-from multiflow.pruning.prune import VOLATILE_REPORT_FIELDS, drop_volatile
+from multiflow.pruning.report import drop_volatile, VOLATILE_REPORT_FIELDS
 
 
 def files(folder) -> dict[str, bytes]:

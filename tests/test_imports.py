@@ -13,6 +13,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node, module-level or inside functions, except under `if TYPE_CHECKING:` (never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            yield from (n for child in node.orelse for n in [child, *runtime_nodes(child)])
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def import_graph() -> dict[str, set[str]]:
     """{module: the multiflow modules it imports}, from module-level and function-level imports alike."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
@@ -20,7 +30,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
         edges = graph.setdefault(name, set())
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -64,6 +74,7 @@ def test_the_walker_sees_lazy_imports_and_cycles():
     graph = import_graph()
     assert "multiflow.api" in graph["multiflow"]
     assert "multiflow.pruning.prune" in graph["multiflow.api"]  # imported inside a function
+    assert "multiflow.pruning.config" not in graph["multiflow.pruning.plan"]  # for annotations only (TYPE_CHECKING)
 
 
 def test_no_import_cycle():

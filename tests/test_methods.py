@@ -14,8 +14,11 @@ from multiflow.models.inventory import from_checkpoint
 from multiflow.models.loading import load_model
 from multiflow.models.prompts import build_prompt
 from multiflow.pruning import masks, scores
+from multiflow.pruning.config import PruneConfig, Structure
+from multiflow.pruning.masking import COMPARISON_GROUPS
 from multiflow.pruning.methods import METHODS
-from multiflow.pruning.prune import ALLOCATIONS, COMPARISON_GROUPS, PruneConfig, Structure, layer_score, plan
+from multiflow.pruning.methods import layer_score
+from multiflow.pruning.plan import ALLOCATIONS, plan
 from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 from multiflow.storage.stats_file import load_stats
 

@@ -243,17 +243,17 @@ def test_targets_with_the_same_file_name(hub, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ temporary folders
 
 def test_folder_created_at_output_during_the_run_is_kept(hub, tmp_path, capsys, monkeypatch):
-    import multiflow.pruning.prune as pruning
+    import multiflow.pruning.writer as writer
 
     output = tmp_path / "out"
-    original = pruning._write_pruned
+    original = writer.write_pruned
 
     def meanwhile(*args, **kwargs):
         output.mkdir()
         (output / "someone-else.txt").write_text("theirs")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pruning, "_write_pruned", meanwhile)
+    monkeypatch.setattr(writer, "write_pruned", meanwhile)
     assert main(["prune", "--model", str(hub), *PRUNE, "--output", str(output), "--overwrite"]) == 2
     line = one_error_line(capsys, "changed while multiflow was writing", "the finished result is in")
     assert sorted(p.name for p in output.iterdir()) == ["someone-else.txt"]
@@ -264,17 +264,17 @@ def test_folder_created_at_output_during_the_run_is_kept(hub, tmp_path, capsys, 
 
 
 def test_previous_output_changed_during_the_run_is_kept(hub, tmp_path, capsys, monkeypatch):
-    import multiflow.pruning.prune as pruning
+    import multiflow.pruning.writer as writer
 
     output = tmp_path / "out"
     assert main(["prune", "--model", str(hub), *PRUNE, "--output", str(output)]) == 0
-    original = pruning._write_pruned
+    original = writer.write_pruned
 
     def meanwhile(*args, **kwargs):  # another run replaces the output while this one writes
         (output / outputs.REPORT_NAME).write_text(json.dumps({"tool": "multiflow", "other": True}))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pruning, "_write_pruned", meanwhile)
+    monkeypatch.setattr(writer, "write_pruned", meanwhile)
     assert main(["prune", "--model", str(hub), *PRUNE, "--output", str(output), "--overwrite"]) == 2
     one_error_line(capsys, "changed while multiflow was writing")
     assert json.loads((output / outputs.REPORT_NAME).read_text())["other"] is True
@@ -282,14 +282,14 @@ def test_previous_output_changed_during_the_run_is_kept(hub, tmp_path, capsys, m
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, MultiflowError, RuntimeError])
 def test_failed_or_interrupted_run_removes_its_temporary_folder(hub, tmp_path, monkeypatch, interrupt):
-    import multiflow.pruning.prune as pruning
+    import multiflow.pruning.writer as writer
 
     def fail(src, dst, *args):
         assert (dst / outputs.MARKER_NAME).is_file() and dst.parent == tmp_path
         (dst / "model.safetensors").write_bytes(b"partial")
         raise interrupt("stop")
 
-    monkeypatch.setattr(pruning, "_write_pruned", fail)
+    monkeypatch.setattr(writer, "write_pruned", fail)
     with pytest.raises(interrupt):
         multiflow.prune(hub, tmp_path / "out", 0.5, method="magnitude")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -297,14 +297,14 @@ def test_failed_or_interrupted_run_removes_its_temporary_folder(hub, tmp_path, m
 
 _SLOW_PRUNE = """
 import sys, time
-import multiflow.pruning.prune as pruning
-original = pruning._write_pruned
+import multiflow.pruning.writer as writer
+original = writer.write_pruned
 def slow(src, dst, *args):
     digest = original(src, dst, *args)
     print("written", flush=True)
     time.sleep(120)
     return digest
-pruning._write_pruned = slow
+writer.write_pruned = slow
 from multiflow.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -380,13 +380,13 @@ def _no_space(*args, **kwargs):
 
 
 def test_full_disk_during_prune_one_line_nothing_partial(hub, tmp_path, capsys, monkeypatch):
-    import multiflow.pruning.prune as pruning
+    import multiflow.pruning.writer as writer
 
     def full(src, dst, *args):
         (dst / "model.safetensors").write_bytes(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device", str(dst / "model.safetensors"))
 
-    monkeypatch.setattr(pruning, "_write_pruned", full)
+    monkeypatch.setattr(writer, "write_pruned", full)
     output = tmp_path / "out"
     assert main(["prune", "--model", str(hub), *PRUNE, "--output", str(output)]) == 2
     one_error_line(capsys, f"cannot write {output}", "No space left on device")

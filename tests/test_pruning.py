@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 import multiflow
 from multiflow.errors import MultiflowError
 from multiflow.pruning import scores
-from multiflow.pruning.prune import PruneConfig, Structure, prune
+from multiflow.pruning.config import PruneConfig, Structure
+from multiflow.pruning.prune import prune
 from multiflow.storage.stats_file import LayerStats, save_stats
 from reference import llava_modality
 from test_masks import ref_layer_mask, ref_n_m_mask, ref_row_mask

@@ -13,7 +13,8 @@ from multiflow.errors import MultiflowError
 from multiflow.models.inventory import from_checkpoint
 from multiflow.models.loading import load_model
 from multiflow.models.prompts import build_prompt
-from multiflow.pruning.prune import PruneConfig, Structure, plan
+from multiflow.pruning.config import PruneConfig, Structure
+from multiflow.pruning.plan import plan
 from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 

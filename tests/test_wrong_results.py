@@ -185,7 +185,8 @@ def test_mask_check_accepts_exactly_the_documented_masks():
 
 
 def test_a_mask_that_breaks_the_plan_is_an_error_and_nothing_is_written(tiny, tmp_path, monkeypatch):
-    import multiflow.pruning.prune as pruning
+    from multiflow.pruning.config import PruneConfig
+    from multiflow.pruning.prune import prune
 
     folder, _ = tiny
     real = masks.layer_mask
@@ -197,26 +198,28 @@ def test_a_mask_that_breaks_the_plan_is_an_error_and_nothing_is_written(tiny, tm
 
     monkeypatch.setattr(masks, "layer_mask", one_more)
     with pytest.raises(MultiflowError, match=r"the mask does not match the plan"):
-        pruning.prune(pruning.PruneConfig(model=folder, output=tmp_path / "out", target_sparsity=0.5,
-                                          method="magnitude"), progress=False)
+        prune(PruneConfig(model=folder, output=tmp_path / "out", target_sparsity=0.5, method="magnitude"),
+              progress=False)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 
 def test_report_counts_are_checked_against_the_written_counts(tiny, tmp_path, monkeypatch):
-    import multiflow.pruning.prune as pruning
+    from multiflow.pruning import report as reporting
+    from multiflow.pruning.config import PruneConfig
+    from multiflow.pruning.prune import prune
 
     folder, _ = tiny
-    real = pruning._report
+    real = reporting.build_report
 
     def off_by_one(*args):
         report = real(*args)
         report["modalities"]["vision"]["pruned"] += 1
         return report
 
-    monkeypatch.setattr(pruning, "_report", off_by_one)
+    monkeypatch.setattr(reporting, "build_report", off_by_one)
     with pytest.raises(MultiflowError, match=r"modality vision: \d+ weights pruned, the report says"):
-        pruning.prune(pruning.PruneConfig(model=folder, output=tmp_path / "out", target_sparsity=0.5,
-                                          method="magnitude"), progress=False)
+        prune(PruneConfig(model=folder, output=tmp_path / "out", target_sparsity=0.5, method="magnitude"),
+              progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -243,20 +246,22 @@ def test_written_zeros_are_counted_from_the_bytes_and_dead_layers_are_all_zero(t
 
 
 def test_zero_check_catches_data_that_is_not_the_pruned_tensor():
-    import multiflow.pruning.prune as pruning
     from multiflow.models.inventory import Layer
+    from multiflow.pruning.config import PruneConfig
+    from multiflow.pruning.plan import LayerPlan
+    from multiflow.pruning.writer import check_zeros
 
     tensor = torch.tensor([[1.0, 0.0], [2.0, 3.0]])
     keep = tensor != 0
     entry = type("E", (), {"dtype": torch.float32, "key": "w"})()
-    plan = pruning.LayerPlan(Layer("w", "vision", (2, 2), torch.float32, None), k=1, target=0.25, pruned=1)
-    config = pruning.PruneConfig(model=Path("m"), output=Path("o"), target_sparsity=0.25, method="magnitude")
-    pruning._check_zeros(tensor.view(-1).view(torch.uint8), tensor, entry, plan, config, sparsegpt=False)
+    plan = LayerPlan(Layer("w", "vision", (2, 2), torch.float32, None), k=1, target=0.25, pruned=1)
+    config = PruneConfig(model=Path("m"), output=Path("o"), target_sparsity=0.25, method="magnitude")
+    check_zeros(tensor.view(-1).view(torch.uint8), tensor, entry, plan, config, sparsegpt=False)
     with pytest.raises(MultiflowError, match="is not the pruned tensor"):
-        pruning._check_zeros(tensor.clone().view(-1).view(torch.uint8), tensor, entry, plan, config, False)
+        check_zeros(tensor.clone().view(-1).view(torch.uint8), tensor, entry, plan, config, False)
     tensor[1, 1] = 0  # a kept weight that is zero: impossible for a layer group with k > 0
     with pytest.raises(MultiflowError, match="2 zeros in the data written"):
-        pruning._check_zeros(tensor.view(-1).view(torch.uint8), tensor, entry, plan, config, sparsegpt=False)
+        check_zeros(tensor.view(-1).view(torch.uint8), tensor, entry, plan, config, sparsegpt=False)
     assert keep.sum() == 3
 
 

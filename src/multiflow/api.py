@@ -86,7 +86,7 @@ def _prune_config(model, output, target_sparsity, distribution=None, stats=None,
                   allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
                   dead_layers: str = "keep", rules=None, overwrite: bool = False, update: str = "none",
                   blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False):
-    from multiflow.pruning.prune import PruneConfig, Structure
+    from multiflow.pruning.config import PruneConfig, Structure
 
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
     return PruneConfig(
@@ -139,7 +139,8 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
 
     from multiflow.errors import MultiflowError
     from multiflow.pruning import methods
-    from multiflow.pruning.prune import SCORE_ALLOCATIONS, check_stats, masker_from_plans, plan
+    from multiflow.pruning.masking import masker_from_plans
+    from multiflow.pruning.plan import check_stats, plan, SCORE_ALLOCATIONS
     from multiflow.pruning.prune import prune as _prune
     from multiflow.pruning.reconstruction import SparseGPTStep
     from multiflow.pruning.scores import NO_STATISTICS

@@ -100,8 +100,10 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
+    from multiflow.pruning.config import DEAD_LAYERS
+    from multiflow.pruning.masking import COMPARISON_GROUPS
     from multiflow.pruning.methods import METHODS
-    from multiflow.pruning.prune import ALLOCATIONS, COMPARISON_GROUPS, DEAD_LAYERS, SCORE_ALLOCATIONS
+    from multiflow.pruning.plan import ALLOCATIONS, SCORE_ALLOCATIONS
 
     p.add_argument("--method", choices=list(METHODS), default="multiflow",
                    help="the score that chooses the pruned weights (a_j = sqrt(mean x_j^2) over calibration "
@@ -137,7 +139,7 @@ def _deterministic_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from multiflow.pruning.prune import UPDATES
+    from multiflow.pruning.config import UPDATES
 
     parser = _Parser(
         prog="multiflow",
@@ -386,7 +388,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _prune_config(args: argparse.Namespace, model: Path, stats: Path | None, distribution: Path | None):
-    from multiflow.pruning.prune import PruneConfig, Structure
+    from multiflow.pruning.config import PruneConfig, Structure
 
     return PruneConfig(
         model=model, output=given(args.output), target_sparsity=args.target, distribution=distribution,
@@ -428,8 +430,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from multiflow import api
+    from multiflow.pruning.config import Structure
     from multiflow.pruning.methods import METHODS
-    from multiflow.pruning.prune import Structure
     from multiflow.reporting.console import render_prune
 
     Structure.parse(args.structure)  # validate before the long calibration pass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from multiflow.errors import MultiflowError
 from multiflow.pruning import scores
 
@@ -38,3 +40,20 @@ def method(name: str, flag: str = "--method") -> Method:
     if name not in METHODS:
         raise MultiflowError(f"{flag} {name!r}: choose one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+SPARSEGPT_NEEDS_RUN = ("--method sparsegpt updates the weights from each layer's Hessian, collected while "
+                       "calibrating block by block: use `multiflow run --method sparsegpt` (multiflow.run(..., "
+                       "method='sparsegpt')); prune from a stats file and prune_module cannot")
+
+
+UPDATE_NEEDS_RUN = ("--update obs updates the weights from each layer's Hessian, collected while calibrating block "
+                    "by block: use `multiflow run --update obs` (multiflow.run(..., update='obs')); prune from a "
+                    "stats file and prune_module cannot")
+
+
+def layer_score(method: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> torch.Tensor:
+    """A layer's float32 importance scores by --method (`scores.SCORES`; an unknown name is an error)."""
+    if method in METHODS and METHODS[method].score is None:
+        raise MultiflowError(SPARSEGPT_NEEDS_RUN)
+    return scores.score(method, weight, sq_mean)

@@ -1,0 +1,145 @@
+"""What Step 3 is asked to do, validated at the edge: `PruneConfig` (a checkpoint folder to a pruned copy) and
+`ModuleConfig` (an nn.Module pruned in place), sharing their choices and their checks (`PruningChoices`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multiflow.distribution.distribute import check_target
+from multiflow.errors import MultiflowError
+from multiflow.pruning.masking import COMPARISON_GROUPS
+from multiflow.pruning.methods import METHODS, SPARSEGPT_NEEDS_RUN
+from multiflow.pruning.plan import ALLOCATIONS, SCORE_ALLOCATIONS
+
+UPDATES = ("none", "obs")  # obs: SparseGPT's weight update after each tile's mask (reconstruction.py, `run` only)
+
+
+DEAD_LAYERS = ("keep", "prune")  # keep: prune as any layer (the paper); prune: zero the layers whose output is never used
+
+
+@dataclass(frozen=True)
+class Structure:
+    """unstructured, or N:M = at most N non-zero weights in every M consecutive inputs of a row."""
+
+    n: int | None = None
+    m: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure":
+        if text == "unstructured":
+            return cls()
+        match = re.fullmatch(r"(\d+):(\d+)", text)
+        if not match or not 0 < int(match.group(1)) < int(match.group(2)):
+            raise MultiflowError(f"--structure {text!r}: give 'unstructured' or N:M with 0 < N < M (e.g. 2:4)")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @property
+    def is_n_m(self) -> bool:
+        return self.n is not None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_n_m else "unstructured"
+
+
+class PruningChoices:
+    """The choices both configs share (target_sparsity, method, allocation, group, structure, dead_layers, update):
+    their check against the registries, and what follows from them."""
+
+    def _check_choices(self) -> None:
+        for value, allowed, flag in ((self.method, METHODS, "--method"), (self.allocation, ALLOCATIONS, "--allocation"),
+                                     (self.group, COMPARISON_GROUPS, "--group"),
+                                     (self.dead_layers, DEAD_LAYERS, "--dead-layers"), (self.update, UPDATES, "--update")):
+            if value not in allowed:
+                raise MultiflowError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+        if self.target_sparsity is not None:
+            check_target(self.target_sparsity)
+
+    def _check_dead_layers(self) -> None:
+        if self.allocation in SCORE_ALLOCATIONS and self.dead_layers == "prune":
+            raise MultiflowError(f"--allocation {self.allocation} allocates from the scores of every layer; "
+                                 "--dead-layers prune applies to the modality and global allocations")
+
+    @property
+    def reconstructs(self) -> bool:
+        """The kept weights get SparseGPT's OBS update: --method sparsegpt, or a score with --update obs."""
+        return METHODS[self.method].reconstructs or self.update == "obs"
+
+    @property
+    def allocation_score(self) -> str:
+        """The score --allocation scores / owl plans from: the --method's; wanda's for sparsegpt (OWL+SparseGPT in
+        the OWL paper takes its outlier ratios from Wanda's |W| * ||x|| on the dense model)."""
+        return METHODS[self.method].planning_score
+
+
+@dataclass(frozen=True)
+class PruneConfig(PruningChoices):
+    """What `multiflow prune` needs, validated at the edge."""
+
+    model: Path
+    output: Path
+    target_sparsity: float | None = None
+    distribution: Path | None = None
+    stats: Path | None = None
+    method: str = "multiflow"
+    allocation: str = "modality"
+    group: str = "layer"
+    structure: Structure = field(default_factory=Structure)
+    dead_layers: str = "keep"
+    rules: Path | None = None
+    overwrite: bool = False
+    update: str = "none"  # obs: SparseGPT's OBS update of the kept weights (--method sparsegpt always has it)
+    blocksize: int = 128  # the OBS update's column block (SparseGPT's default)
+    percdamp: float = 0.01  # the OBS update's dampening, a fraction of the Hessian's mean diagonal
+    deterministic_report: bool = False  # leave out VOLATILE_REPORT_FIELDS: same inputs, same report bytes
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        if self.blocksize < 1:
+            raise MultiflowError(f"--blocksize {self.blocksize}: give at least 1")
+        if not 0 <= self.percdamp < float("inf"):
+            raise MultiflowError(f"--percdamp {self.percdamp}: give a number >= 0 (SparseGPT uses 0.01)")
+        if METHODS[self.method].needs_statistics and not METHODS[self.method].reconstructs and self.stats is None:
+            raise MultiflowError(f"--method {self.method} needs activation statistics: pass --stats stats.safetensors "
+                                 "(from multiflow calibrate), or use --method magnitude")
+        if self.structure.is_n_m:
+            if self.distribution is not None:
+                raise MultiflowError("--structure N:M fixes the sparsity of every layer; drop --distribution")
+        elif self.target_sparsity is None and self.distribution is None:
+            raise MultiflowError("give --target-sparsity (or --distribution for --allocation modality)")
+        if self.distribution is not None and self.allocation != "modality":
+            raise MultiflowError(f"--distribution is Step 1's per-layer map: it applies to --allocation modality, "
+                                 f"not {self.allocation}")
+        self._check_dead_layers()
+        if self.distribution is not None and self.dead_layers == "prune":
+            raise MultiflowError("--dead-layers prune recomputes Step 1 with the dead layers counted; drop --distribution")
+
+
+@dataclass(frozen=True)
+class ModuleConfig(PruningChoices):
+    """What `prune_module` needs: the choices alone (an nn.Module in memory has no files; its statistics, if the
+    method reads any, are passed as a dict and checked against the module)."""
+
+    target_sparsity: float | None = None
+    method: str = "multiflow"
+    allocation: str = "modality"
+    group: str = "layer"
+    structure: Structure = field(default_factory=Structure)
+    dead_layers: str = "keep"
+
+    update = "none"  # no OBS update in memory (it needs the block-by-block Hessians of `run`)
+    distribution = None  # Step 1 runs on the module's own weights
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        if self.method in METHODS and METHODS[self.method].reconstructs:
+            raise MultiflowError(SPARSEGPT_NEEDS_RUN)
+        if not self.structure.is_n_m and self.target_sparsity is None:
+            raise MultiflowError("give --target-sparsity (or --distribution for --allocation modality)")
+        self._check_dead_layers()
+
+    @property
+    def needs_statistics(self) -> bool:
+        return METHODS[self.method].needs_statistics
+
