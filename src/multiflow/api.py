@@ -1,4 +1,6 @@
-"""The Python entry points: the same Step 1 for an nn.Module or a checkpoint folder."""
+"""The Python entry points (re-exported by `multiflow`): Step 1 for an nn.Module or a checkpoint folder
+(`compute_distribution(s)`, `inventory`), Step 2 (`calibrate`), Step 3 (`prune`, `prune_module`) and all three
+(`run`). Each builds its stage's config and calls the stage; the CLI (cli.py) calls these."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.distribution.distribute import Distribution, distribute
 from multiflow.models import inventory as layers
 from multiflow.models.families import ModalityRules
-from multiflow.storage.outputs import given
+from multiflow.storage.outputs import output_path
 
 
 def inventory(
@@ -46,7 +48,7 @@ def compute_distribution(
     rules: str | os.PathLike | ModalityRules | None = None,
     **kwargs,
 ) -> Distribution:
-    """Step 1: `{layer name: sparsity}` per modality for one target (ALGORITHM.md Eq. 7).
+    """Step 1: `{layer name: sparsity}` per modality for one target (docs/algorithm.md, Step 1: paper Eq. 7).
 
     `model` is an in-memory model (its nn.Linear layers, by module name) or a
     checkpoint folder read tensor by tensor; both give identical results.
@@ -73,7 +75,7 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
     from multiflow.calibration.calibrate import calibrate as _calibrate
 
     return _calibrate(CalibrationConfig(
-        model=Path(model), output=given(output), data=None if data is None else Path(data), nsamples=nsamples,
+        model=Path(model), output=output_path(output), data=None if data is None else Path(data), nsamples=nsamples,
         seed=seed, batch_size=batch_size, dtype=dtype, device=device, include_answers=include_answers,
         split_token_types=split_token_types, rules=None if rules is None else Path(rules),
         vision_tower=None if vision_tower is None else Path(vision_tower), allow_pickle=allow_pickle,
@@ -90,7 +92,7 @@ def _prune_config(model, output, target_sparsity, distribution=None, stats=None,
 
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
     return PruneConfig(
-        model=Path(model), output=given(output), target_sparsity=target_sparsity,
+        model=Path(model), output=output_path(output), target_sparsity=target_sparsity,
         distribution=as_path(distribution), stats=as_path(stats), method=method, allocation=allocation, group=group,
         structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite,
         update=update, blocksize=blocksize, percdamp=percdamp, deterministic_report=deterministic_report)

@@ -14,7 +14,7 @@ from multiflow._version import __version__
 from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
 from multiflow.models.loading import DTYPES
-from multiflow.storage.outputs import given
+from multiflow.storage.outputs import output_path
 
 log = logging.getLogger("multiflow")
 
@@ -301,12 +301,12 @@ def _resolve_model(arg: str | None) -> Path:
     return folder
 
 
-def _calibration_data(given: str | None, model: Path) -> Path | None:
+def _calibration_data(data: str | None, model: Path) -> Path | None:
     """--data, else the demo model's calibration split for the demo model, else None (the bundled photos)."""
     from multiflow.demo import demo_split, is_demo
 
-    if given:
-        return Path(given)
+    if data:
+        return Path(data)
     return demo_split("calibration") if is_demo(model) else None
 
 
@@ -318,7 +318,7 @@ def _target_name(s: float) -> str:
 
 
 def _output_paths(output: str, targets: list[float]) -> list[tuple[Path, Path]]:
-    out = given(output)
+    out = output_path(output)
     if out.suffix.lower() == ".json" and not out.is_dir():
         if len(targets) > 1:
             raise MultiflowError(f"--output {out} names one file but {len(targets)} targets were given; give a folder")
@@ -368,7 +368,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from multiflow.calibration.calibrate import CalibrationConfig, calibrate
     from multiflow.reporting.console import render_stats
 
-    output = given(args.output)
+    output = output_path(args.output)
     model = _resolve_model(args.model)
     config = CalibrationConfig(
         model=model, output=output, data=_calibration_data(args.data, model),
@@ -391,7 +391,7 @@ def _prune_config(args: argparse.Namespace, model: Path, stats: Path | None, dis
     from multiflow.pruning.config import PruneConfig, Structure
 
     return PruneConfig(
-        model=model, output=given(args.output), target_sparsity=args.target, distribution=distribution,
+        model=model, output=output_path(args.output), target_sparsity=args.target, distribution=distribution,
         stats=stats, method=args.method, allocation=args.allocation, group=args.group,
         structure=Structure.parse(args.structure), dead_layers=args.dead_layers,
         rules=Path(args.rules) if args.rules else None, overwrite=args.overwrite,
@@ -438,7 +438,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _refuse_allow_pickle(args)
     if args.target is None and args.structure == "unstructured":
         raise MultiflowError("give --target-sparsity (or --structure N:M)")
-    given(args.output)  # checked in full by api.run, before the calibration pass
+    output_path(args.output)  # checked in full by api.run, before the calibration pass
     obs = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
     if obs and not METHODS[args.method].reconstructs and args.update != "obs":
         raise MultiflowError(f"--{next(iter(obs))} sets the OBS weight update: add --update obs (or use --method "
@@ -472,7 +472,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MultiflowError(f"--batch-size {args.batch_size}: give at least 1")
     model = _resolve_model(args.model)
-    output = given(args.output) if args.output is not None else None
+    output = output_path(args.output) if args.output is not None else None
     if output is not None:
         check_file_output(output, {"the --model folder": model, "the --reference folder": args.reference,
                                    "the --data input": args.data}, args.overwrite)
@@ -495,7 +495,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
     from multiflow.models.gguf import convert_gguf
 
-    summary = convert_gguf(args.gguf, given(args.output), args.dtype, args.overwrite)
+    summary = convert_gguf(args.gguf, output_path(args.output), args.dtype, args.overwrite)
     if not args.quiet:
         print(f"{summary['model']} -> {summary['output']}: {', '.join(summary['architectures'] or ['?'])}, "
               f"{summary['parameters']:,} parameters in {summary['dtype']}"
@@ -504,8 +504,9 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_eval_data(given: str | None, model: Path) -> Path | None:
-    """The demo model's evaluation split for the demo model or a copy pruned from it; else the bundled photos."""
+def _default_eval_data(model_arg: str | None, model: Path) -> Path | None:
+    """The demo model's evaluation split for the demo model (`model_arg`: --model as typed, None for the default)
+    or a copy pruned from it; else None (the bundled photos)."""
     import json
 
     from multiflow.demo import demo_split, is_demo
@@ -516,7 +517,7 @@ def _default_eval_data(given: str | None, model: Path) -> Path | None:
         source = None
     if not isinstance(source, str):
         source = None
-    if given is None or is_demo(model) or (source and is_demo(Path(source))):
+    if model_arg is None or is_demo(model) or (source and is_demo(Path(source))):
         return demo_split("evaluation")
     return None
 

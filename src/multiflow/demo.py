@@ -1,9 +1,13 @@
-"""The bundled default model until a trained demo model ships.
+"""The bundled demo model: the default `--model` of every command.
 
-A small LlavaForConditionalGeneration (4-layer CLIP vision tower, 4-layer Llama,
-`vision_feature_layer=-2` as LLaVA-1.5) built from a config with RANDOM, seeded
-weights. Each linear weight gets its own seeded scale so layer sparsities
-differ. It is for trying the tool, not for judging quality: nothing was trained.
+`demo_model/` is a small LLaVA-1.5-style model (CLIP vision tower + Llama,
+`vision_feature_layer=-2`) trained from scratch on visual questions about
+scikit-learn's handwritten digits (`training/train_demo.py`; see
+training/README.md), with its calibration and evaluation splits in
+`demo_data/` (`demo_split`). Should a package lack the trained weights,
+`ensure_demo_model` builds a random-weight stand-in of the same shape once
+under the cache folder (`build_demo_model`: for trying the tool, not for
+judging quality).
 """
 
 from __future__ import annotations

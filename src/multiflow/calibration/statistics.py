@@ -67,7 +67,9 @@ class RunningMean:
 
 
 @dataclass
-class LayerStatistics:
+class LayerAccumulator:
+    """One layer's running sums while calibrating (what they become: storage/stats_file.py's LayerStats)."""
+
     in_features: int
     all: RunningMean = field(default_factory=RunningMean)
     by_type: dict[str, RunningMean] = field(default_factory=dict)
@@ -86,7 +88,7 @@ class Collector:
     """Accumulates statistics for named layers while the model runs batches."""
 
     def __init__(self, in_features: dict[str, int], aligned: set[str], split_token_types: bool):
-        self.layers = {name: LayerStatistics(n) for name, n in in_features.items()}
+        self.layers = {name: LayerAccumulator(n) for name, n in in_features.items()}
         self.aligned = aligned
         self.split = split_token_types
         self._batch = _Batch()

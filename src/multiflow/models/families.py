@@ -1,12 +1,16 @@
-"""Which layer belongs to which modality: ordered rules, with presets per model family.
+"""Every model family's knowledge, as data: how to recognise it, name its weights, group its layers.
 
 A rule is a regular expression over a module name (the weight's name without
 `.weight`) and a group: `vision`, `text`, `fusion` or `skip`. The first rule
-whose pattern is found in the name decides. Families are plain data, looked up
-from a checkpoint's `config.json` (`model_type`, `architectures`, keys); no
-algorithm asks which model it is looking at.
+whose pattern is found in the name decides. Families (`FAMILIES`) are plain
+data looked up from a checkpoint's `config.json` (`model_type`,
+`architectures`, keys): modality rules, key renames, where a separate vision
+tower's weights go, dead-layer markers, which layers see prompt tokens, and
+the family a checkpoint is converted to in memory (the one converter lives in
+models/loading.py). A family like another is derived from it by
+`dataclasses.replace` (llava_next from llava). Adding a family is an entry here.
 
-Before any family rule, the never-prunable rules of ALGORITHM.md apply:
+Before any family rule, the never-prunable rules of docs/algorithm.md apply:
 embeddings and the output head are skipped whatever the family says (biases
 and norms are never candidates: only 2-D `.weight` tensors are).
 """
@@ -21,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 from multiflow.errors import MultiflowError
 
-GROUPS = ("vision", "text", "fusion", "skip")
+RULE_GROUPS = ("vision", "text", "fusion", "skip")  # a rule's group: a modality, or skip (never pruned)
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,9 @@ class Rule:
     why: str = ""
 
     def __post_init__(self) -> None:
-        if self.group not in GROUPS:
+        if self.group not in RULE_GROUPS:
             raise MultiflowError(
-                f"rule {self.pattern!r}: group {self.group!r} is not one of {', '.join(GROUPS)}"
+                f"rule {self.pattern!r}: group {self.group!r} is not one of {', '.join(RULE_GROUPS)}"
             )
         try:
             re.compile(self.pattern)
@@ -273,7 +277,7 @@ FAMILIES: tuple[Family, ...] = (
         aligned_layers=r"^text_model\.",
     ),
     # transformers' VisionTextDualEncoderModel (any vision tower + any text encoder, CLIP-style heads):
-    # the issue-7 benchmark model (CLIP vision tower + pretrained MiniLM).
+    # the pretrained-weights judge of experiments/dual_encoder (CLIP vision tower + pretrained MiniLM).
     Family(
         rules=ModalityRules(
             "vision-text-dual-encoder",
@@ -374,7 +378,7 @@ def load_rules_file(path: str | Path) -> tuple[ModalityRules, tuple[tuple[str, s
         rules.append(Rule(str(item["pattern"]), str(item["group"]), str(item.get("why", ""))))
     used = _unique(r.group for r in rules if r.group != "skip")
     modalities = tuple(data.get("modalities") or used)
-    unknown = [m for m in modalities if m not in GROUPS or m == "skip"]
+    unknown = [m for m in modalities if m not in RULE_GROUPS or m == "skip"]
     if unknown or not set(used) <= set(modalities):
         raise MultiflowError(
             f"rules file {path}: 'modalities' must list every group the rules use ({', '.join(used)})"

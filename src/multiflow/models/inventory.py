@@ -1,9 +1,11 @@
 """The prunable layers of a model, by modality, from a checkpoint folder or an nn.Module.
 
-Both roads end in the same `Inventory`: module names (as the installed
-transformers names them, or the original LLaVA repository's names), their
-modality, shape and dtype, and a way to read their weights in order. Step 1
-and later steps see only the inventory.
+Both roads end in the same `Inventory`: module names (a checkpoint's keys
+renamed by its family's `renames`, models/families.py: transformers' in-memory
+names for most families, the original LLaVA repository's own names for that
+layout, the keys themselves for a rules file without renames), their modality,
+shape and dtype, and a way to read their weights in order. Step 1 and later
+steps see only the inventory.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Step 3 masks (ALGORITHM.md Eq. 8 and the baselines). Pure tensor math on one layer.
+"""Step 3 masks (docs/algorithm.md, Step 3; the N:M convention there too). Pure tensor math on one layer.
 
 Conventions, named once:
 - A mask is a bool tensor shaped like W: True = keep, False = prune (zero).

@@ -1,4 +1,4 @@
-"""Importance scores of one layer's weights (ALGORITHM.md Step 2-3). Pure tensor math.
+"""Importance scores of one layer's weights (docs/algorithm.md, "Scores"). Pure tensor math.
 
 `sq_mean[j]` is the mean of x_j^2 over calibration tokens (the Step 2 statistic);
 `a_j = sqrt(sq_mean[j])`. All scores are float32 tensors shaped like W

@@ -1,7 +1,7 @@
-"""The human console report of Step 1, in the seed's structure.
+"""The human console reports: Step 1's distribution (in the seed's structure), the modality grouping, the
+statistics of Step 2, Step 3's pruning report, and the evaluation (accuracy or perplexity).
 
-Machine-readable output is the JSON written by `Distribution.save`; this module
-only formats text for a person.
+Machine-readable output is the JSON each step writes; this module only formats text for a person.
 """
 
 from __future__ import annotations

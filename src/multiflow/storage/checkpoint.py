@@ -2,10 +2,13 @@
 
 safetensors files are opened by their header (an 8-byte length, then JSON with
 each tensor's dtype, shape and byte range, per the format's specification) and
-each wanted tensor is read with plain `readinto` into a fresh buffer. This keeps
-resident memory at a few tensors whatever the model size (a memory map would
-count every touched page), and lets a background thread read the next tensor
-while the caller works on the current one.
+each wanted tensor is read without a memory map: `read_tensors` reads into a
+ring of reused, page-aligned buffers with `preadv` (the page-cached part with
+RWF_NOWAIT, the rest with O_DIRECT, so a cold read does not fill the page
+cache), and a background thread reads the next tensors while the caller works
+on the current one; without O_DIRECT, a plain read into fresh memory. This
+keeps resident memory at a few tensors whatever the model size (a memory map
+would count every touched page).
 
 Pickled weights (`.bin`, `.pt`) are refused unless the caller allows them; then
 they are loaded with `torch.load(weights_only=True)`.

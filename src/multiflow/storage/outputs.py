@@ -42,7 +42,7 @@ _TEMP = re.compile(r"\.(?P<name>.+)\.multiflow-(?P<kind>tmp|old)-(?P<pid>\d+)-[0
 Inputs = Mapping[str, "str | os.PathLike | None"]
 
 
-def given(value: str | os.PathLike | None, flag: str = "--output") -> Path:
+def output_path(value: str | os.PathLike | None, flag: str = "--output") -> Path:
     """`value` as a path; an empty value (an unset shell variable) is an error, never the current folder."""
     if value is None or not os.fspath(value).strip():
         raise MultiflowError(f"{flag} is empty (an unset shell variable?): give a path")
@@ -278,7 +278,7 @@ class FolderOutput:
     """
 
     def __init__(self, output: str | os.PathLike, inputs: Inputs, overwrite: bool, flag: str = "--output"):
-        self.output = given(output, flag)
+        self.output = output_path(output, flag)
         self.flag = flag
         if not self.output.is_symlink():
             clean_leftovers(self._real)  # first: a killed run may have set a previous output aside
