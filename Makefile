@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(BIN)/multiflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(BIN)/multiflow
 ## test: the whole test suite, offline, on CPU
 test: $(BIN)/multiflow
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+## test-fast: the suite without the tests marked slow
+test-fast: $(BIN)/multiflow
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) out

@@ -13,6 +13,21 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+# Tiers (markers registered in pyproject.toml): `unit` tests call pure functions on hand-made tensors, tiny
+# hand-built modules or files; `e2e` tests run tiny models built from configs through the CLI or the public API.
+# A module's tier is below unless a test marks itself; `slow` (over ~2 s on 2 cores) is marked on the test.
+# `make test` runs every tier; `pytest -m unit` or `-m "not slow"` for a quick pass.
+UNIT_MODULES = {"test_allocation", "test_bounded_images", "test_calibration_data", "test_checkpoint", "test_docs",
+                "test_imports", "test_masks", "test_rules", "test_selection", "test_sparsegpt", "test_statistics"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("unit") or item.get_closest_marker("e2e"):
+            continue
+        item.add_marker(pytest.mark.unit if item.module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES
+                        else pytest.mark.e2e)
+
 
 def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

@@ -82,6 +82,7 @@ def test_decompression_bomb_limits_stay(tmp_path, monkeypatch, caplog):
                              "pixels, could be decompression bomb DOS attack."]
 
 
+@pytest.mark.slow
 def test_six_records_of_a_large_png_cost_one_decoded_image(tmp_path):
     """Peak RSS in a fresh process: before, each of the 6 samples kept the image at full resolution."""
     Image.new("RGB", (4500, 4500), (1, 2, 3)).save(tmp_path / "big.png")  # 20 MP: 81 MB decoded by PIL

@@ -108,6 +108,7 @@ def test_model_without_processor_is_a_clear_error(llava, tmp_path):
     assert not (tmp_path / "s.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_run_equals_calibrate_then_prune(demo, jsonl, tmp_path, capsys):
     import multiflow
 

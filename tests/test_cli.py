@@ -57,8 +57,13 @@ def test_all_layers_lists_every_layer(hub, tmp_path, capsys):
 def test_modalities_command(hub, capsys):
     code, out, _ = run(["modalities", "--model", str(hub)], capsys)
     assert code == 0
-    assert "VISION" in out and "TEXT" in out and "FUSION" in out
     assert "output head" in out and "embedding" in out
+    inventory = multiflow.inventory(hub)
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.split()[:1] and
+            line.split()[0] in ("VISION", "TEXT", "FUSION")}
+    for modality, layers in inventory.by_modality().items():  # each modality's layer and weight counts, exactly
+        assert rows[modality.upper()] == [str(len(layers)), f"{sum(l.numel for l in layers):,}"], modality
+    assert int(rows["VISION"][0]) > 0 and int(rows["FUSION"][0]) > 0 and rows["TEXT"][0] == "0"  # LLaVA's grouping
 
 
 def _corrupt(src, dst, how):
@@ -172,14 +177,25 @@ def test_original_layout_vision_tower_flag(llava, tmp_path, capsys, caplog):
 
 
 def test_help_explains_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        main(["distribute", "--help"])
-    out = capsys.readouterr().out
-    for flag in ("--model", "--target-sparsity", "--output", "--plot", "--all-layers", "--quiet", "--vision-tower",
-                 "--rules", "--allow-pickle"):
-        assert flag in out
+    import argparse
+
+    from multiflow.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert {"distribute", "modalities", "calibrate", "prune", "run", "eval", "convert-gguf"} <= set(commands)
+    for command, parser in commands.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.option_strings)
+            assert action.option_strings[0] in out, (command, action.option_strings)
+            assert " ".join(action.help.split()).replace("%%", "%")[:40] in out, (command, action.option_strings)
 
 
+@pytest.mark.slow
 def test_every_command_runs_on_the_default_model(tmp_path, capsys, monkeypatch):
     """No --model: the bundled demo model (what `make demo` runs)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from safetensors import safe_open
 
 from multiflow.calibration.calibrate import VOLATILE_META_FIELDS
 from multiflow.cli import main
-from multiflow.pruning.report import drop_volatile, VOLATILE_REPORT_FIELDS
+from multiflow.pruning.report import VOLATILE_REPORT_FIELDS, drop_volatile
 
 
 def files(folder) -> dict[str, bytes]:
@@ -24,6 +26,7 @@ def test_drop_volatile_removes_exactly_the_documented_fields():
     assert VOLATILE_META_FIELDS == ("seconds", "peak_device_memory_gib")
 
 
+@pytest.mark.slow
 def test_two_identical_runs_give_byte_identical_folders(demo, jsonl, tmp_path, capsys):
     common = ["run", "--model", str(demo[0]), "--data", str(jsonl), "--nsamples", "3", "--target-sparsity", "0.4",
               "--quiet"]

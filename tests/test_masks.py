@@ -106,7 +106,7 @@ def test_count_for_float_trap():
     # s_l = count / numel as Step 1 produces it (38667 pruned of 76800). The
     # float product 38667/76800*76800 == 38666.99999999999, so floor gives
     # 38666, one fewer than the true count. count_for follows the literal
-    # floor(s * size) of ALGORITHM.md Step 3; we assert what the float math gives.
+    # floor(s * size) of docs/algorithm.md Step 3; we assert what the float math gives.
     s = 38667 / 76800
     assert s * 76800 < 38667
     assert count_for(s, 76800) == math.floor(s * 76800) == 38666
@@ -273,10 +273,10 @@ def test_scores_match_loops(dtype):
 SPARSITIES = [0.0, 0.1, 0.5, 0.77, 0.9]
 
 
-def layer_case(dtype: torch.dtype, seed: int):
+def layer_case(dtype: torch.dtype, seed: int, inputs: int = 20):
     g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(12, 20, generator=g).to(dtype)
-    sq_mean = torch.rand(20, generator=g) * 3 + 1e-3
+    weight = torch.randn(12, inputs, generator=g).to(dtype)
+    sq_mean = torch.rand(inputs, generator=g) * 3 + 1e-3
     return weight, sq_mean
 
 
@@ -309,12 +309,13 @@ def test_end_to_end_layer_and_row(method, dtype):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_end_to_end_n_m(method):
-    weight, sq_mean = layer_case(torch.bfloat16, 5)  # bf16 -> many ties in |W|
+    weight, sq_mean = layer_case(torch.bfloat16, 5, inputs=24)  # bf16 -> many ties in |W|; 24 = 6 x 4 = 3 x 8
     score = METHODS[method](weight, sq_mean)
-    for n, m in [(1, 4), (2, 4), (3, 4), (4, 8)]:  # 20 inputs: multiples of 4 only
-        if score.shape[1] % m:
-            continue
-        assert torch.equal(n_m_mask(score, n, m), ref_n_m_mask(score, n, m))
+    for n, m in [(1, 4), (2, 4), (3, 4), (4, 8), (1, 8)]:  # every case runs: 24 inputs is a multiple of each M
+        assert score.shape[1] % m == 0
+        keep = n_m_mask(score, n, m)
+        assert torch.equal(keep, ref_n_m_mask(score, n, m)), (n, m)
+        assert bool((keep.reshape(score.shape[0], -1, m).sum(-1) == n).all())  # N kept of every M
 
 
 # ----------------------------------------------------------------------------

@@ -183,6 +183,7 @@ def reference_obs(folder, jsonl, nsamples, config):
     ("multiflow", 0.5, "unstructured", "layer"), ("wanda", 0.6, "unstructured", "row"),
     ("ria", None, "2:4", "layer"), ("magnitude", 0.5, "unstructured", "layer"),
 ])
+@pytest.mark.slow
 def test_update_obs_equals_the_reference_bit_for_bit(demo, jsonl, tmp_path, method, target, structure, group):
     from transformers import LlavaForConditionalGeneration
 
@@ -208,6 +209,7 @@ def test_update_obs_equals_the_reference_bit_for_bit(demo, jsonl, tmp_path, meth
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_blocksize_and_percdamp_reach_the_update(demo, jsonl, tmp_path):
     folder = demo[0]
     report = multiflow.run(folder, tmp_path / "a", 0.5, data=jsonl, nsamples=2, method="wanda", update="obs",

@@ -323,6 +323,7 @@ def _start_slow_prune(hub: Path, output: Path) -> tuple[subprocess.Popen, Path]:
     return proc, temps[0]
 
 
+@pytest.mark.slow
 def test_sigkill_leftover_is_cleaned_by_the_next_run(hub, tmp_path, caplog):
     output = tmp_path / "out"
     proc, temp = _start_slow_prune(hub, output)
@@ -335,6 +336,7 @@ def test_sigkill_leftover_is_cleaned_by_the_next_run(hub, tmp_path, caplog):
     assert f"removed {temp}: the temporary folder of an interrupted multiflow run (pid {proc.pid})" in caplog.text
 
 
+@pytest.mark.slow
 def test_sigterm_removes_the_temporary_folder(hub, tmp_path):
     output = tmp_path / "out"
     proc, temp = _start_slow_prune(hub, output)

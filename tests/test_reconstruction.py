@@ -72,6 +72,7 @@ def bf16_demo(demo, tmp_path_factory):
     (0.5, "unstructured", "layer", "fp32"), (0.6, "unstructured", "row", "fp32"), (None, "2:4", "layer", "fp32"),
     (0.5, "unstructured", "layer", "bf16"),
 ])
+@pytest.mark.slow
 def test_run_sparsegpt_equals_the_reference_bit_for_bit(demo, bf16_demo, jsonl, tmp_path, target, structure, group,
                                                         dtype):
     from transformers import LlavaForConditionalGeneration
