@@ -11,8 +11,8 @@ CLIP does). A batch holds several images of one class, so the targets of a row a
 over the items of the same class (UniCL's multi-positive form); with all labels distinct this is
 exactly CLIP's loss. Each item is a training image with one training template drawn for it.
 
-    python -m benchmarks.dual_encoder.train --out benchmarks/dual_encoder/trained   # the full run
-    python -m benchmarks.dual_encoder.train --steps 5 --out /tmp/de                 # a smoke run
+    python -m experiments.dual_encoder.train --out experiments/dual_encoder/trained   # the full run
+    python -m experiments.dual_encoder.train --steps 5 --out /tmp/de                 # a smoke run
 """
 
 from __future__ import annotations

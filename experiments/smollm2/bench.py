@@ -1,9 +1,9 @@
 """What pruning costs a real pretrained LLM: SmolLM2-135M-Instruct, perplexity and KL to dense, with the CLI.
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.smollm2.bench \
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python -m experiments.smollm2.bench \
         --workdir ~/.cache/multiflow-bench/smollm2 --out benchmarks/results/smollm2
 
---workdir is what `benchmarks.smollm2.prepare` wrote (model/, calibration.txt, evaluation.txt). Every
+--workdir is what `experiments.smollm2.prepare` wrote (model/, calibration.txt, evaluation.txt). Every
 configuration is one `multiflow run` (calibration on calibration.txt: --nsamples windows of --seq-len tokens
 picked by --seed) followed by one `multiflow eval --reference model/` on evaluation.txt (the first --eval-windows
 non-overlapping windows of --seq-len tokens): perplexity, KL(dense || pruned) per token and top-1 agreement.
@@ -159,7 +159,7 @@ def plot(rows: list[dict], dense_row: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, required=True, help="what benchmarks.smollm2.prepare wrote")
+    parser.add_argument("--workdir", type=Path, required=True, help="what experiments.smollm2.prepare wrote")
     parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, table.md, the plot")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for pruned copies (default: system tmp)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))

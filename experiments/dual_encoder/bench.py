@@ -17,8 +17,8 @@ training-template captions picked by the seed (one calibration per seed serves e
 sparsity); magnitude needs no calibration and runs once. Also: the activation-outlier ratio per
 layer of the dense model (max / median per-channel input RMS over the whole calibration split).
 
-    python -m benchmarks.dual_encoder.bench --out benchmarks/results/dual_encoder            # the full table
-    python -m benchmarks.dual_encoder.bench --out /tmp/de_quick --quick                      # smoke test
+    python -m experiments.dual_encoder.bench --out experiments/results/dual_encoder            # the full table
+    python -m experiments.dual_encoder.bench --out /tmp/de_quick --quick                      # smoke test
 
 Writes results.json (every row), table.md (mean +- population std over seeds), one plot per
 setting (<setting>.png) and outliers.md.
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wall = time.perf_counter() - started
     meta = {
-        "command": "python -m benchmarks.dual_encoder.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.dual_encoder.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "quick": args.quick, "seeds": args.seeds, "sparsities": args.sparsities, "settings": args.settings,
         "threads": args.threads, "calibration": {"images": CAL_IMAGES, "captions": CAL_CAPTIONS,
                                                  "image_pool": "calibration split (200)",

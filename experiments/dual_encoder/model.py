@@ -180,7 +180,7 @@ def load_from_parts(path: Path, folder: Path | None = None) -> VisionTextDualEnc
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m benchmarks.dual_encoder.model PARTS OUT`: the full checkpoint folder (model and
+    """`python -m experiments.dual_encoder.model PARTS OUT`: the full checkpoint folder (model and
     processor, loadable with `VisionTextDualEncoderModel` / `VisionTextDualEncoderProcessor`)."""
     import argparse
 

@@ -1,6 +1,6 @@
 """Self-check of the dual-encoder benchmark, offline, one CPU thread, well under a minute.
 
-    python -m benchmarks.dual_encoder.selfcheck
+    python -m experiments.dual_encoder.selfcheck
 
 1. the judges on hand-made tensors with hand-computed answers;
 2. the data: split sizes, no overlap, determinism, captions;
