@@ -14,7 +14,7 @@ Reproducible: the weights depend only on --seed and the step count. Without --st
 decided up front from a short timing on a throw-away copy of the model (so that training fits in
 --minutes); the count used is printed and saved in training_report.json, and `--steps N` repeats it.
 
-    python training/train_demo.py                      # writes src/multiflow/demo_model, demo_data
+    python training/train_demo.py                      # writes src/multiflow/demo_model, demo_data, training/demo_train
     python training/train_demo.py --steps 1500         # the same weights as a run that chose 1500
 """
 
@@ -130,14 +130,19 @@ def fixed_records(digits: list[Digit], ink_median: float, seed: int) -> list[dic
 
 
 def write_data(out: Path, images: list[Image.Image], digits: list[Digit], splits: dict[str, list[int]],
-               ink_median: float, seed: int) -> dict[str, list[dict]]:
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for digit, image in zip(digits, images):
-        image.save(out / digit.path, optimize=True)
+               ink_median: float, seed: int, train_out: Path | None = None) -> dict[str, list[dict]]:
+    """Each split's JSONL and images: calibration and evaluation in `out` (shipped with the package), the
+    training split in `train_out` (default `out`; kept in the source tree only, never in the wheel)."""
+    folders = {name: (train_out or out) if name == "train" else out for name in splits}
+    for folder in set(folders.values()):
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+    for name, indices in splits.items():
+        for i in indices:
+            images[i].save(folders[name] / digits[i].path, optimize=True)
     records = {}
     for offset, (name, indices) in enumerate(splits.items()):
         records[name] = fixed_records([digits[i] for i in indices], ink_median, seed * 1000 + offset)
-        with open(out / f"{name}.jsonl", "w") as f:
+        with open(folders[name] / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records[name])
     meta = {
         "source": "sklearn.datasets.load_digits() (UCI Optical Recognition of Handwritten Digits, test set; "
@@ -335,7 +340,10 @@ def load_rgb(path: Path) -> Image.Image:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-model", type=Path, default=REPO / "src/multiflow/demo_model")
-    parser.add_argument("--out-data", type=Path, default=REPO / "src/multiflow/demo_data")
+    parser.add_argument("--out-data", type=Path, default=REPO / "src/multiflow/demo_data",
+                        help="calibration and evaluation splits (shipped in the wheel)")
+    parser.add_argument("--out-train-data", type=Path, default=REPO / "training/demo_train",
+                        help="the training split (source tree only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=25.0, help="training time budget (decides the step count)")
     parser.add_argument("--steps", type=int, default=None, help="fixed step count (overrides --minutes)")
@@ -365,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     assert not (set(splits["train"]) & set(splits["calibration"]) or set(splits["train"]) & set(splits["evaluation"])
                 or set(splits["calibration"]) & set(splits["evaluation"]))
     ink_median = float(np.median([digits[i].ink for i in splits["train"]]))
-    records = write_data(args.out_data, images, digits, splits, ink_median, args.seed)
+    records = write_data(args.out_data, images, digits, splits, ink_median, args.seed, args.out_train_data)
     log.info("data: %s images, splits %s, stroke median ink %s -> %s",
              len(digits), {k: len(v) for k, v in splits.items()}, ink_median, args.out_data)
 
