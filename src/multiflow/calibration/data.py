@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterable, Sequence
 from PIL import Image
 
 from multiflow.calibration import bundled as bundled_data
+from multiflow.calibration.saved_dataset import open_saved_dataset
 from multiflow.errors import MultiflowError
 
 log = logging.getLogger("multiflow")
@@ -534,20 +535,7 @@ def _open_hf_disk(path: Path, base: Path) -> _Data:
 
     if _saved_without_data(path):  # datasets writes no data file for 0 rows, then cannot load it
         raise MultiflowError(f"no sample in --data {path}: it holds no record")
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as error:  # datasets raises FileNotFoundError, ValueError, pyarrow errors...
-        raise MultiflowError(f"{path}: cannot read this datasets.save_to_disk folder ({type(error).__name__}: "
-                             f"{error}); {ACCEPTED}") from None
-    source = str(path)
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded)
-        if not splits:
-            raise MultiflowError(f"no sample in --data {path}: the DatasetDict has no split")
-        split = "train" if "train" in loaded else splits[0]
-        loaded = loaded[split]
-        source = f"{path} (split '{split}' of {', '.join(splits)})"
-    dataset = loaded
+    dataset, source = open_saved_dataset(path, ("train",), ACCEPTED, "no sample in --data")
     columns = _pick_columns(list(dataset.column_names),
                             lambda n: isinstance(dataset.features[n], datasets.Image), source)
     text = {name: list(dataset[name]) for name in columns.text}

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from multiflow.calibration.saved_dataset import open_saved_dataset
 from multiflow.errors import MultiflowError
 
 log = logging.getLogger("multiflow")
@@ -248,19 +249,7 @@ def _text_column(columns: list[str], is_string, source: str) -> str:
 def _hf_disk_documents(path: Path, splits: tuple[str, ...]) -> tuple[str, list[str]]:
     import datasets
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as error:  # datasets raises FileNotFoundError, ValueError, pyarrow errors...
-        raise MultiflowError(f"{path}: cannot read this datasets.save_to_disk folder ({type(error).__name__}: "
-                             f"{error}); {ACCEPTED}") from None
-    source = str(path)
-    if isinstance(loaded, datasets.DatasetDict):
-        names = list(loaded)
-        if not names:
-            raise MultiflowError(f"no text in {path}: the DatasetDict has no split")
-        split = next((s for s in splits if s in loaded), names[0])
-        loaded = loaded[split]
-        source = f"{path} (split '{split}' of {', '.join(names)})"
+    loaded, source = open_saved_dataset(path, splits, ACCEPTED, "no text in")
     features = loaded.features
     column = _text_column(list(loaded.column_names), lambda c: isinstance(features[c], datasets.Value)
                           and features[c].dtype in ("string", "large_string"), source)

@@ -98,7 +98,7 @@ class Family:
     """
 
     rules: ModalityRules
-    naming: str
+    naming: str = "transformers"  # how the layer names read: transformers' in-memory names, or the layout's own
     model_types: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()
     config_keys: tuple[str, ...] = ()
@@ -162,11 +162,13 @@ class Family:
             isinstance(a, str) and re.search(self.architecture_pattern, a) for a in config.get("architectures") or ())
 
 
-_LLAVA_RULES = (
-    Rule(r"^model\.vision_tower\.", "vision", "CLIP vision tower"),
-    Rule(r"^model\.multi_modal_projector\.", "fusion", "projector maps image features into the LLM"),
-    Rule(r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
-)
+def family(name: str, modalities: tuple[str, ...], rules: Iterable[tuple[str, ...]], **fields: Any) -> Family:
+    """A table entry: the family's modality rules as (pattern, group, why) tuples, and its other fields."""
+    return Family(rules=ModalityRules(name, modalities, tuple(Rule(*rule) for rule in rules)), **fields)
+
+
+VTF = ("vision", "text", "fusion")  # the modalities of LLaVA-like models, in report order
+VT = ("vision", "text")
 
 # transformers 4.x hub names, 5.x save_pretrained names and in-memory names.
 _LLAVA_RENAMES = (
@@ -180,9 +182,12 @@ _LLAVA_RENAMES = (
     (r"^image_newline$", "model.image_newline"),
 )
 
-_LLAVA = Family(
-    rules=ModalityRules("llava", ("vision", "text", "fusion"), _LLAVA_RULES),
-    naming="transformers",
+_LLAVA = family(
+    "llava", VTF, [
+        (r"^model\.vision_tower\.", "vision", "CLIP vision tower"),
+        (r"^model\.multi_modal_projector\.", "fusion", "projector maps image features into the LLM"),
+        (r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+    ],
     model_types=("llava",),
     architectures=("LlavaForConditionalGeneration",),
     renames=_LLAVA_RENAMES,
@@ -193,16 +198,12 @@ _LLAVA = Family(
 
 FAMILIES: tuple[Family, ...] = (
     # The original LLaVA repository (haotian-liu/LLaVA): its own module names.
-    Family(
-        rules=ModalityRules(
-            "llava-original",
-            ("vision", "text", "fusion"),
-            (
-                Rule(r"^model\.vision_tower\.", "vision", "CLIP vision tower"),
-                Rule(r"^model\.mm_projector\.", "fusion", "projector maps image features into the LLM"),
-                Rule(r"^model\.layers\.", "fusion", "decoder layers see image and text tokens"),
-            ),
-        ),
+    family(
+        "llava-original", VTF, [
+            (r"^model\.vision_tower\.", "vision", "CLIP vision tower"),
+            (r"^model\.mm_projector\.", "fusion", "projector maps image features into the LLM"),
+            (r"^model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+        ],
         naming="llava-original",
         model_types=("llava_llama", "llava_mistral", "llava_mpt"),
         architectures=("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM"),
@@ -225,70 +226,47 @@ FAMILIES: tuple[Family, ...] = (
     # LLaVA-NeXT: LLaVA's names and rules (its image_newline is a 1-D parameter, never a candidate)
     replace(_LLAVA, rules=replace(_LLAVA.rules, name="llava_next"), model_types=("llava_next",),
             architectures=("LlavaNextForConditionalGeneration",)),
-    Family(
-        rules=ModalityRules(
-            "qwen2_vl",
-            ("vision", "text", "fusion"),
-            (
-                Rule(r"^model\.visual\.merger\.", "fusion", "merger maps image features into the LLM"),
-                Rule(r"^model\.visual\.", "vision", "vision transformer"),
-                Rule(r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
-            ),
-        ),
-        naming="transformers",
+    family(
+        "qwen2_vl", VTF, [
+            (r"^model\.visual\.merger\.", "fusion", "merger maps image features into the LLM"),
+            (r"^model\.visual\.", "vision", "vision transformer"),
+            (r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+        ],
         model_types=("qwen2_vl", "qwen2_5_vl"),
         architectures=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
-        renames=(
-            (r"^visual\.", "model.visual."),
-            (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
-        ),
+        renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
         aligned_layers=r"^model\.language_model\.",
     ),
-    Family(
-        rules=ModalityRules(
-            "blip",
-            ("vision", "text"),
-            (
-                Rule(r"^vision_model\.", "vision", "ViT image encoder"),
-                Rule(r"(^|\.)(vision_proj|text_proj|itm_head)$", "skip", "head (skipped by the authors)"),
-                Rule(r"(^|\.)cls\.predictions\.decoder$", "skip", "output head"),
-                Rule(r"^text_", "text", "text encoder / decoder"),
-            ),
-        ),
-        naming="transformers",
+    family(
+        "blip", VT, [
+            (r"^vision_model\.", "vision", "ViT image encoder"),
+            (r"(^|\.)(vision_proj|text_proj|itm_head)$", "skip", "head (skipped by the authors)"),
+            (r"(^|\.)cls\.predictions\.decoder$", "skip", "output head"),
+            (r"^text_", "text", "text encoder / decoder"),
+        ],
         model_types=("blip",),
         architectures=("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval"),
         aligned_layers=r"^text_",
     ),
-    Family(
-        rules=ModalityRules(
-            "clip",
-            ("vision", "text"),
-            (
-                Rule(r"^(vision_model\.)?(embeddings|encoder|pre_layrnorm|post_layernorm)\.", "vision", "ViT"),
-                Rule(r"^vision_model\.", "vision", "ViT image encoder"),
-                Rule(r"^text_model\.", "text", "text transformer"),
-                Rule(r"^(visual|text)_projection$", "skip", "projection head"),
-            ),
-        ),
-        naming="transformers",
+    family(
+        "clip", VT, [
+            (r"^(vision_model\.)?(embeddings|encoder|pre_layrnorm|post_layernorm)\.", "vision", "ViT"),
+            (r"^vision_model\.", "vision", "ViT image encoder"),
+            (r"^text_model\.", "text", "text transformer"),
+            (r"^(visual|text)_projection$", "skip", "projection head"),
+        ],
         model_types=("clip", "clip_vision_model"),
         architectures=("CLIPModel", "CLIPVisionModel"),
         aligned_layers=r"^text_model\.",
     ),
     # transformers' VisionTextDualEncoderModel (any vision tower + any text encoder, CLIP-style heads):
     # the pretrained-weights judge of experiments/dual_encoder (CLIP vision tower + pretrained MiniLM).
-    Family(
-        rules=ModalityRules(
-            "vision-text-dual-encoder",
-            ("vision", "text"),
-            (
-                Rule(r"^vision_model\.", "vision", "vision tower"),
-                Rule(r"^text_model\.", "text", "text encoder"),
-                Rule(r"^(visual|text)_projection$", "skip", "projection head (skipped, as CLIP's)"),
-            ),
-        ),
-        naming="transformers",
+    family(
+        "vision-text-dual-encoder", VT, [
+            (r"^vision_model\.", "vision", "vision tower"),
+            (r"^text_model\.", "text", "text encoder"),
+            (r"^(visual|text)_projection$", "skip", "projection head (skipped, as CLIP's)"),
+        ],
         model_types=("vision-text-dual-encoder",),
         architectures=("VisionTextDualEncoderModel",),
         aligned_layers=r"^text_model\.encoder\.",  # the pooler reads the [CLS] state only: no token positions
@@ -299,13 +277,8 @@ FAMILIES: tuple[Family, ...] = (
     # `lm_head` to the embeddings and leave it out of the checkpoint). Last in the table: the catch-all
     # pattern must not take LLaVA's `LlavaLlamaForCausalLM`; a *ForCausalLM laid out differently fails
     # with the names of its unmatched layers (pass --rules).
-    Family(
-        rules=ModalityRules(
-            "causal-lm",
-            ("text",),
-            (Rule(r"^model\.layers\.", "text", "decoder layers"),),
-        ),
-        naming="transformers",
+    family(
+        "causal-lm", ("text",), [(r"^model\.layers\.", "text", "decoder layers")],
         model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
         architecture_pattern=r"ForCausalLM$",
         aligned_layers=r"^model\.layers\.",

@@ -43,9 +43,17 @@ class Structure:
         return f"{self.n}:{self.m}" if self.is_n_m else "unstructured"
 
 
+@dataclass(frozen=True)
 class PruningChoices:
-    """The choices both configs share (target_sparsity, method, allocation, group, structure, dead_layers, update):
-    their check against the registries, and what follows from them."""
+    """The choices both configs share: what is pruned and how. Checked against the registries by the configs'
+    `__post_init__`; `update` (PruneConfig's field) is "none" for ModuleConfig."""
+
+    target_sparsity: float | None = None
+    method: str = "multiflow"
+    allocation: str = "modality"
+    group: str = "layer"
+    structure: Structure = field(default_factory=Structure)
+    dead_layers: str = "keep"
 
     def _check_choices(self) -> None:
         for value, allowed, flag in ((self.method, METHODS, "--method"), (self.allocation, ALLOCATIONS, "--allocation"),
@@ -73,20 +81,14 @@ class PruningChoices:
         return METHODS[self.method].planning_score
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PruneConfig(PruningChoices):
-    """What `multiflow prune` needs, validated at the edge."""
+    """What `multiflow prune` needs, validated at the edge: the choices plus the files (keyword arguments)."""
 
     model: Path
     output: Path
-    target_sparsity: float | None = None
     distribution: Path | None = None
     stats: Path | None = None
-    method: str = "multiflow"
-    allocation: str = "modality"
-    group: str = "layer"
-    structure: Structure = field(default_factory=Structure)
-    dead_layers: str = "keep"
     rules: Path | None = None
     overwrite: bool = False
     update: str = "none"  # obs: SparseGPT's OBS update of the kept weights (--method sparsegpt always has it)
@@ -120,13 +122,6 @@ class PruneConfig(PruningChoices):
 class ModuleConfig(PruningChoices):
     """What `prune_module` needs: the choices alone (an nn.Module in memory has no files; its statistics, if the
     method reads any, are passed as a dict and checked against the module)."""
-
-    target_sparsity: float | None = None
-    method: str = "multiflow"
-    allocation: str = "modality"
-    group: str = "layer"
-    structure: Structure = field(default_factory=Structure)
-    dead_layers: str = "keep"
 
     update = "none"  # no OBS update in memory (it needs the block-by-block Hessians of `run`)
     distribution = None  # Step 1 runs on the module's own weights

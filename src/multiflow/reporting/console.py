@@ -239,13 +239,20 @@ def render_prune(report: dict, edge: int = 5) -> str:
     return out.getvalue()
 
 
+def _eval_header(results: dict, extra: str = "") -> list[str]:
+    """The lines that open an evaluation report: the model, its data, and the dense reference if any."""
+    lines = [f"Model: {results['model']}   data: {results['data']}{extra}"]
+    if results.get("reference_model"):
+        lines.append(f"Reference (dense): {results['reference_model']}")
+    return lines
+
+
 def render_eval(results: dict) -> str:
     """`multiflow eval`: overall and per-kind metrics."""
     out = io.StringIO()
     w = lambda line="": print(line, file=out)  # noqa: E731
-    w(f"Model: {results['model']}   data: {results['data']}   samples: {results['nsamples']}")
-    if results.get("reference_model"):
-        w(f"Reference (dense): {results['reference_model']}")
+    for line in _eval_header(results, f"   samples: {results['nsamples']}"):
+        w(line)
     has_kl = "kl" in results
     rows = [["Kind", "Count", "Accuracy", "ROUGE-L"] + (["KL(dense||model)", "Top-1 agree"] if has_kl else [])]
     for label, r in [("ALL", results), *results.get("per_kind", {}).items()]:
@@ -262,9 +269,8 @@ def render_perplexity(results: dict) -> str:
     """`multiflow eval` on a plain language model: perplexity, and drift from the dense model."""
     out = io.StringIO()
     w = lambda line="": print(line, file=out)  # noqa: E731
-    w(f"Model: {results['model']}   data: {results['data']}")
-    if results.get("reference_model"):
-        w(f"Reference (dense): {results['reference_model']}")
+    for line in _eval_header(results):
+        w(line)
     w(f"{results['windows']} window(s) of {results['seq_len']} tokens ({results['windows_available']} in the text), "
       f"{results['tokens']:,} predicted tokens")
     rows = [["Perplexity", "Mean NLL"] + (["KL(dense||model)", "Top-1 agree"] if "kl" in results else [])]
