@@ -283,3 +283,29 @@ def test_cli_run_update_obs(demo, jsonl, tmp_path):
     report = json.loads((tmp_path / "o" / "multiflow_report.json").read_text())
     assert (report["method"], report["update"], report["obs"]["blocksize"]) == ("ria", "obs", 16)
     assert report["global"]["pruned"] > 0
+
+
+def test_each_pruning_option_is_defined_once():
+    """The CLI's flags, defaults, choices and help for the pruning choices come from the config's fields
+    (multiflow.options), and the Python API's defaults are the same values."""
+    import inspect
+    from dataclasses import fields
+
+    from multiflow import api
+    from multiflow.pruning.config import PruneConfig
+
+    options = [f for f in fields(PruneConfig) if "help" in f.metadata]
+    assert {f.name for f in options} == {"method", "allocation", "group", "structure", "dead_layers", "update"}
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("prune", "run"):
+        actions = {a.dest: a for a in subparsers[command]._actions}
+        for f in options:
+            if f.name == "update" and command == "prune":
+                continue
+            default = f.metadata["cli_default"] or f.default
+            assert actions[f.name].default == default, (command, f.name)
+    for function in (api.prune, api.run, api.prune_module):
+        parameters = inspect.signature(function).parameters
+        for f in options:
+            if f.name in parameters:
+                assert parameters[f.name].default == (f.metadata["cli_default"] or f.default), (function, f.name)

@@ -100,27 +100,10 @@ def _calibration_args(c: argparse.ArgumentParser) -> None:
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    from multiflow.pruning.config import DEAD_LAYERS
-    from multiflow.pruning.masking import COMPARISON_GROUPS
-    from multiflow.pruning.methods import METHODS
-    from multiflow.pruning.plan import ALLOCATIONS, SCORE_ALLOCATIONS
+    from multiflow.options import add_arguments
+    from multiflow.pruning.config import PruningChoices
 
-    p.add_argument("--method", choices=list(METHODS), default="multiflow",
-                   help="the score that chooses the pruned weights (a_j = sqrt(mean x_j^2) over calibration "
-                        "tokens). " + "; ".join(m.help for m in METHODS.values()))
-    p.add_argument("--allocation", choices=list(ALLOCATIONS), default="modality",
-                   help="per-layer sparsity: " + ", ".join(f"{n} = {a.help}" for n, a in ALLOCATIONS.items()) +
-                        f"; {' and '.join(SCORE_ALLOCATIONS)} use wanda's scores with --method sparsegpt")
-    p.add_argument("--group", choices=list(COMPARISON_GROUPS), default="layer",
-                   help="comparison group for the threshold: the whole matrix (default, as the paper) or each "
-                        "output row (Wanda's choice)")
-    p.add_argument("--structure", default="unstructured",
-                   help="unstructured (default) or N:M = keep N of every M consecutive inputs of a row "
-                        "(2:4 keeps 2 of 4); with N:M the allocation does not apply")
-    p.add_argument("--dead-layers", choices=list(DEAD_LAYERS), default="keep",
-                   help="layers whose output never reaches the model's output (LLaVA-1.5: the last CLIP layer): "
-                        "keep = treat as any layer (default, as the paper); prune = zero them and count them "
-                        "toward their modality's target")
+    add_arguments(p, PruningChoices, ("method", "allocation", "group", "structure", "dead_layers"))
     p.add_argument("--output", metavar="DIR", required=True,
                    help="folder for the pruned checkpoint: new, empty, or a previous multiflow output (with "
                         "--overwrite); never the model folder, a folder inside it or one holding it")
@@ -139,7 +122,8 @@ def _deterministic_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from multiflow.pruning.config import UPDATES
+    from multiflow.options import add_arguments
+    from multiflow.pruning.config import PruneConfig
 
     parser = _Parser(
         prog="multiflow",
@@ -219,12 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sequential", action="store_true",
                    help="calibrate each block on the outputs of the already-pruned blocks before it (as Wanda and "
                         "SparseGPT do; each block runs twice). Default: one pass over the dense model, as the paper")
-    r.add_argument("--update", choices=list(UPDATES), default="none",
-                   help="reconstruction of the kept weights: none = masks only (default); obs = SparseGPT's "
-                        "optimal-brain-surgeon update from each layer's input Hessian, the --method score choosing "
-                        "each column block's mask from the already updated weights (always sequential; "
-                        "--method sparsegpt = obs with SparseGPT's own criterion). With --allocation scores/owl "
-                        "a dense statistics pass plans the per-layer sparsity first")
+    add_arguments(r, PruneConfig, ("update",))
     r.add_argument("--blocksize", type=_at_least_one, default=None, metavar="N",
                    help="--update obs and --method sparsegpt: columns per block of the update (default 128)")
     r.add_argument("--percdamp", type=float, default=None, metavar="F",

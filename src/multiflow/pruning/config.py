@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from multiflow.distribution.distribute import check_target
 from multiflow.errors import MultiflowError
+from multiflow.options import check_choices, option
 from multiflow.pruning.masking import COMPARISON_GROUPS
 from multiflow.pruning.methods import METHODS, SPARSEGPT_NEEDS_RUN
 from multiflow.pruning.plan import ALLOCATIONS, SCORE_ALLOCATIONS
@@ -49,18 +50,30 @@ class PruningChoices:
     `__post_init__`; `update` (PruneConfig's field) is "none" for ModuleConfig."""
 
     target_sparsity: float | None = None
-    method: str = "multiflow"
-    allocation: str = "modality"
-    group: str = "layer"
-    structure: Structure = field(default_factory=Structure)
-    dead_layers: str = "keep"
+    method: str = option(
+        "multiflow", choices=lambda: METHODS,
+        help=lambda: "the score that chooses the pruned weights (a_j = sqrt(mean x_j^2) over calibration tokens). "
+                     + "; ".join(m.help for m in METHODS.values()))
+    allocation: str = option(
+        "modality", choices=lambda: ALLOCATIONS,
+        help=lambda: "per-layer sparsity: " + ", ".join(f"{n} = {a.help}" for n, a in ALLOCATIONS.items())
+                     + f"; {' and '.join(SCORE_ALLOCATIONS)} use wanda's scores with --method sparsegpt")
+    group: str = option(
+        "layer", choices=lambda: COMPARISON_GROUPS,
+        help="comparison group for the threshold: the whole matrix (default, as the paper) or each output row "
+             "(Wanda's choice)")
+    structure: Structure = option(
+        default_factory=Structure, cli_default="unstructured",
+        help="unstructured (default) or N:M = keep N of every M consecutive inputs of a row (2:4 keeps 2 of 4); "
+             "with N:M the allocation does not apply")
+    dead_layers: str = option(
+        "keep", choices=DEAD_LAYERS,
+        help="layers whose output never reaches the model's output (LLaVA-1.5: the last CLIP layer): keep = "
+             "treat as any layer (default, as the paper); prune = zero them and count them toward their "
+             "modality's target")
 
     def _check_choices(self) -> None:
-        for value, allowed, flag in ((self.method, METHODS, "--method"), (self.allocation, ALLOCATIONS, "--allocation"),
-                                     (self.group, COMPARISON_GROUPS, "--group"),
-                                     (self.dead_layers, DEAD_LAYERS, "--dead-layers"), (self.update, UPDATES, "--update")):
-            if value not in allowed:
-                raise MultiflowError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+        check_choices(self)  # method, allocation, group, dead_layers (and PruneConfig's update), from the fields
         if self.target_sparsity is not None:
             check_target(self.target_sparsity)
 
@@ -91,7 +104,13 @@ class PruneConfig(PruningChoices):
     stats: Path | None = None
     rules: Path | None = None
     overwrite: bool = False
-    update: str = "none"  # obs: SparseGPT's OBS update of the kept weights (--method sparsegpt always has it)
+    update: str = option(  # obs: SparseGPT's OBS update of the kept weights (--method sparsegpt always has it)
+        "none", choices=UPDATES,
+        help="reconstruction of the kept weights: none = masks only (default); obs = SparseGPT's "
+             "optimal-brain-surgeon update from each layer's input Hessian, the --method score choosing each column "
+             "block's mask from the already updated weights (always sequential; --method sparsegpt = obs with "
+             "SparseGPT's own criterion). With --allocation scores/owl a dense statistics pass plans the per-layer "
+             "sparsity first")
     blocksize: int = 128  # the OBS update's column block (SparseGPT's default)
     percdamp: float = 0.01  # the OBS update's dampening, a fraction of the Hessian's mean diagonal
     deterministic_report: bool = False  # leave out VOLATILE_REPORT_FIELDS: same inputs, same report bytes
