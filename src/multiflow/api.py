@@ -69,7 +69,7 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
     Block by block unless `whole_model`: one block's weights in memory at a time. An existing
     `output` is replaced only with `overwrite`. A plain language model is calibrated on `nsamples`
     windows of `seq_len` tokens of the text `data` (`text_data`). `deterministic_report`: the file's
-    metadata without the fields that vary between identical runs (`calibration.VOLATILE_META_FIELDS`).
+    metadata without the fields that vary between identical runs (`calibration.calibrate.VOLATILE_META_FIELDS`).
     """
     from multiflow.calibration.calibrate import CalibrationConfig
     from multiflow.calibration.calibrate import calibrate as _calibrate
@@ -107,7 +107,7 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: 
 
     `output` must be new, empty, or (with `overwrite`) a previous multiflow output: never another folder.
     `deterministic_report`: the report without the fields that vary between identical runs
-    (`pruning.VOLATILE_REPORT_FIELDS`: timings, peak memory), so that it is byte-identical."""
+    (`pruning.report.VOLATILE_REPORT_FIELDS`: timings, peak memory), so that it is byte-identical."""
     from multiflow.pruning.prune import prune as _prune
 
     return _prune(_prune_config(model, output, target_sparsity, distribution, stats, method, allocation, group,
@@ -129,7 +129,7 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     (Step 1 runs first to fix every layer's count). `vision_tower` (original-layout LLaVA) serves
     calibration only: the pruned copy holds the checkpoint folder's own weights. The report's
     "timings" gives each stage's seconds (Step 1 = distribute, Step 2 = calibrate, Step 3 = prune),
-    left out with `deterministic_report` (as every field of `pruning.VOLATILE_REPORT_FIELDS`).
+    left out with `deterministic_report` (as every field of `pruning.report.VOLATILE_REPORT_FIELDS`).
     `method="sparsegpt"` is always sequential: each block's layers are pruned and their weights updated
     from their inputs' Hessians as calibration reaches them (`reconstruction`). `update="obs"` does the
     same with the `method`'s score as the selection criterion (`blocksize`, `percdamp`: the update's).
