@@ -29,8 +29,9 @@ from benchmarks._common import git_rev, gnu_time
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "multiflow.cli"]
 
-# (method, allocation, group): the grid of issue 13; for a plain LLM every layer is in one modality ("text"), so
-# `modality` is one magnitude threshold over the whole model (Step 1 over one modality).
+# (method, allocation, group): the grid of issue 13. A method "<score>+obs" is `--method <score> --update obs`.
+# For a plain LLM every layer is in one modality ("text"), so `modality` is one magnitude threshold over the
+# whole model (Step 1 over one modality).
 METHODS = ("magnitude", "wanda", "multiflow", "sparsegpt")
 ALLOCATIONS = ("uniform", "modality", "scores", "owl")
 GROUPS = ("layer", "row")
@@ -46,7 +47,9 @@ def run_config(c: dict, args, work: Path) -> dict:
         out = Path(scratch) / "pruned"
         cmd = [*CLI, "run", "--model", str(model), "--data", str(work / "calibration.txt"),
                "--seq-len", str(args.seq_len), "--nsamples", str(args.nsamples), "--seed", str(c["seed"]),
-               "--method", c["method"], "--output", str(out), "--quiet"]
+               "--method", c["method"].removesuffix("+obs"), "--output", str(out), "--quiet"]
+        if c["method"].endswith("+obs"):  # the score chooses the mask inside SparseGPT's pass, with its OBS update
+            cmd += ["--update", "obs"]
         if c["sparsity"] == "2:4":
             cmd += ["--structure", "2:4"]
         else:
