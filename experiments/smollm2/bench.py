@@ -1,7 +1,7 @@
 """What pruning costs a real pretrained LLM: SmolLM2-135M-Instruct, perplexity and KL to dense, with the CLI.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python -m experiments.smollm2.bench \
-        --workdir ~/.cache/multiflow-bench/smollm2 --out benchmarks/results/smollm2
+        --workdir ~/.cache/multiflow-bench/smollm2 --out experiments/results/smollm2
 
 --workdir is what `experiments.smollm2.prepare` wrote (model/, calibration.txt, evaluation.txt). Every
 configuration is one `multiflow run` (calibration on calibration.txt: --nsamples windows of --seq-len tokens
