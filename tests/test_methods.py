@@ -6,20 +6,16 @@ import pytest
 import torch
 
 import multiflow
-from multiflow.calibration.block_runner import find_blocks
-from multiflow.calibration.data import load_samples
+from reference import reference_sequential_obs
 from multiflow.cli import build_parser, main
 from multiflow.errors import MultiflowError
 from multiflow.models.inventory import from_checkpoint
-from multiflow.models.loading import load_model
-from multiflow.models.prompts import build_prompt
 from multiflow.pruning import masks, scores
 from multiflow.pruning.config import PruneConfig, Structure
 from multiflow.pruning.masking import COMPARISON_GROUPS
 from multiflow.pruning.methods import METHODS
 from multiflow.pruning.methods import layer_score
 from multiflow.pruning.plan import ALLOCATIONS, plan
-from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
 from multiflow.storage.stats_file import load_stats
 
 
@@ -141,44 +137,6 @@ def reference_scores(method, start, sq_mean):
     return lambda t, d, c: (t.abs() / rows[:, None] + t.abs() / cols[None, c]) * a[c].sqrt()
 
 
-def reference_obs(folder, jsonl, nsamples, config):
-    """Obviously right: the whole model in memory; for each block in order every sample runs the whole model while
-    hooks add the block's layers' inputs to one Hessian per layer; then each layer gets `sparsegpt_prune` with its
-    planned count and `reference_scores`. Also counts the layers whose mask differs from SparseGPT's own."""
-    inventory = from_checkpoint(folder)
-    plans = {p.layer.name: p for p in plan(config, inventory, progress=False)[0]}
-    loaded = load_model(folder, inventory)
-    model, processor, to_inventory = loaded.model, loaded.processor, loaded.to_inventory_name
-    names = [n for n in to_inventory if to_inventory[n] in plans]
-    samples, _ = load_samples(jsonl, nsamples, 0)
-    inputs = [processor(images=[s.image], text=[build_prompt(processor, s.question, None)], return_tensors="pt")
-              for s in samples]
-    s = config.structure
-    out, differ = {}, 0
-    for block in find_blocks(model, names):
-        mine = [n for n in names if n == block.name or n.startswith(block.name + ".")]
-        hessians = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in mine}
-        hooks = [model.get_submodule(n).register_forward_pre_hook(
-            lambda m, a, n=n: hessians[n].add_batch(a[0])) for n in mine]  # batch size 1: no padding
-        for x in inputs:
-            with torch.no_grad():
-                model(**x, use_cache=False)
-        for h in hooks:
-            h.remove()
-        for n in mine:
-            p = plans[to_inventory[n]]
-            weight = model.get_submodule(n).weight
-            h = hessians[n].hessian()
-            args = dict(group=config.group, structure=(s.n, s.m) if s.is_n_m else None)
-            with torch.no_grad():
-                new, keep = sparsegpt_prune(weight, h, p.k, score=reference_scores(config.method, weight,
-                                                                                   torch.diagonal(h) / 2), **args)
-                differ += not torch.equal(keep, sparsegpt_prune(weight, h, p.k, **args)[1])
-                weight.copy_(new)
-            out[to_inventory[n]] = (new, keep, p)
-    return out, differ
-
-
 @pytest.mark.parametrize("method,target,structure,group", [
     ("multiflow", 0.5, "unstructured", "layer"), ("wanda", 0.6, "unstructured", "row"),
     ("ria", None, "2:4", "layer"), ("magnitude", 0.5, "unstructured", "layer"),
@@ -194,7 +152,8 @@ def test_update_obs_equals_the_reference_bit_for_bit(demo, jsonl, tmp_path, meth
     assert report["calibration"]["sequential"]
     config = PruneConfig(model=folder, output=tmp_path / "x", target_sparsity=target, method=method, stats=tmp_path,
                          group=group, structure=Structure.parse(structure), update="obs")
-    want, differ = reference_obs(folder, jsonl, 3, config)
+    want, differ = reference_sequential_obs(folder, jsonl, 3, config,
+                                          score=lambda w, sq: reference_scores(method, w, sq))
     assert differ > 0  # the score, not SparseGPT's saliency, chose the masks
     original = {layer.name: w.clone() for layer, w in from_checkpoint(folder).read()}
     written = {layer.name: w.clone() for layer, w in from_checkpoint(tmp_path / "out").read()}

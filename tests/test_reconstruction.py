@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import multiflow
-from multiflow.calibration.block_runner import find_blocks
+from reference import reference_sequential_obs
 from multiflow.calibration.data import load_samples
 from multiflow.cli import main
 from multiflow.errors import MultiflowError
@@ -15,48 +15,6 @@ from multiflow.models.loading import load_model
 from multiflow.models.prompts import build_prompt
 from multiflow.pruning.config import PruneConfig, Structure
 from multiflow.pruning.plan import plan
-from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
-
-
-def reference_sparsegpt(folder, jsonl, nsamples, config):
-    """Obviously right: the whole model in memory; for each block in order, every sample runs the whole model
-    while hooks add the block's layers' inputs (language model: non-padding tokens) to one Hessian per layer;
-    then each of its layers gets `sparsegpt_prune` with its planned count, cast to the checkpoint's dtype."""
-    inventory = from_checkpoint(folder)
-    plans = {p.layer.name: p for p in plan(config, inventory, progress=False)[0]}
-    loaded = load_model(folder, inventory)
-    model, processor, to_inventory = loaded.model, loaded.processor, loaded.to_inventory_name
-    names = [n for n in to_inventory if to_inventory[n] in plans]
-    samples, _ = load_samples(jsonl, nsamples, 0)
-    inputs = [processor(images=[s.image], text=[build_prompt(processor, s.question, None)], return_tensors="pt")
-              for s in samples]
-    s = config.structure
-    out = {}
-    for block in find_blocks(model, names):
-        mine = [n for n in names if n == block.name or n.startswith(block.name + ".")]
-        hessians = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in mine}
-        current = {}
-
-        def add(name):
-            language = name.startswith("model.language_model.")
-            return lambda m, a: hessians[name].add_batch(a[0], current["mask"] if language else None)
-
-        hooks = [model.get_submodule(n).register_forward_pre_hook(add(n)) for n in mine]
-        for x in inputs:
-            current["mask"] = x["attention_mask"].bool()
-            with torch.no_grad():
-                model(**x, use_cache=False)
-        for h in hooks:
-            h.remove()
-        for n in mine:
-            p = plans[to_inventory[n]]
-            weight = model.get_submodule(n).weight
-            with torch.no_grad():
-                new, keep = sparsegpt_prune(weight, hessians[n].hessian(), p.k, group=config.group,
-                                            structure=(s.n, s.m) if s.is_n_m else None)
-                weight.copy_(new.to(p.layer.dtype))
-            out[to_inventory[n]] = (new.to(p.layer.dtype), keep, p)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +41,7 @@ def test_run_sparsegpt_equals_the_reference_bit_for_bit(demo, bf16_demo, jsonl, 
     assert report["method"] == "sparsegpt" and report["calibration"]["sequential"]
     config = PruneConfig(model=folder, output=tmp_path / "x", target_sparsity=target, method="sparsegpt",
                          group=group, structure=Structure.parse(structure))
-    want = reference_sparsegpt(folder, jsonl, 3, config)
+    want, _ = reference_sequential_obs(folder, jsonl, 3, config)
     original = {layer.name: w.clone() for layer, w in from_checkpoint(folder).read()}
     written = {layer.name: w.clone() for layer, w in from_checkpoint(tmp_path / "out").read()}
     assert set(written) == set(want) == set(report["layers"])
