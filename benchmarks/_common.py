@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmark scripts: CPU-load probes, the git revision, number formatting, GNU time."""
+"""Helpers shared by the benchmark scripts: CPU-load probes, the git revision, number formatting, GNU time, and the
+zeros of a pruned model's linears (also run inside llm-compressor's venv: standard library and torch only)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,3 +50,20 @@ def gnu_time() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return path if ok else None
+
+
+def linear_sparsity(model, inside: re.Pattern, name: str) -> dict:
+    """Zeros of every `nn.Linear` weight of a loaded model: {name: ..., "other": ...}, the first for the linears
+    whose module name matches `inside`, each with zeros, numel, layer count and sparsity."""
+    import torch
+
+    counts = {name: [0, 0, 0], "other": [0, 0, 0]}  # zeros, numel, layers
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            key = name if inside.match(module_name) else "other"
+            w = module.weight.detach()
+            counts[key][0] += int((w == 0).sum())
+            counts[key][1] += w.numel()
+            counts[key][2] += 1
+    return {k: {"zeros": z, "numel": n, "layers": count, "sparsity": z / n if n else None}
+            for k, (z, n, count) in counts.items()}

@@ -50,6 +50,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path in llm-compressor's venv
+from benchmarks._common import linear_sparsity  # noqa: E402
+
 LANGUAGE_LINEAR = re.compile(r"^model\.language_model\.layers\.\d+\.")
 IGNORE = ["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -114,20 +117,6 @@ def data_collator(batch):
     return {key: torch.tensor(value) for key, value in batch[0].items()}
 
 
-def linear_sparsity(model) -> dict:
-    import torch
-
-    counts = {"language": [0, 0, 0], "other": [0, 0, 0]}  # zeros, numel, layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            key = "language" if LANGUAGE_LINEAR.match(name) else "other"
-            w = module.weight.detach()
-            counts[key][0] += int((w == 0).sum())
-            counts[key][1] += w.numel()
-            counts[key][2] += 1
-    return {k: {"zeros": z, "numel": n, "layers": count, "sparsity": z / n if n else None}
-            for k, (z, n, count) in counts.items()}
-
 
 def memory_mib() -> dict[str, float | None]:
     """This process's resident set now (VmRSS) and its high-water mark so far (VmHWM), MiB."""
@@ -176,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             sequential_targets=["LlamaDecoderLayer"], propagate_error=not args.no_propagate)
     t3 = time.perf_counter()
     memory["oneshot"] = memory_mib()
-    sparsity = linear_sparsity(model)
+    sparsity = linear_sparsity(model, LANGUAGE_LINEAR, "language")
     if args.sparsity and not sparsity["language"]["sparsity"] >= 0.9 * args.sparsity:
         sys.exit(f"llm-compressor pruned too little: language-model linears at {sparsity['language']['sparsity']} "
                  f"sparsity, asked {args.sparsity}")

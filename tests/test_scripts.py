@@ -20,14 +20,14 @@ HELP = {  # script -> how it is run (a file path, or `-m module` for the package
        if not p.name.startswith("_")},
     **{p.relative_to(ROOT).as_posix(): ["-m", ".".join(p.relative_to(ROOT).with_suffix("").parts)]
        for p in sorted((ROOT / "experiments").glob("*/*.py"))
-       if p.stem in ("bench", "train", "model", "prepare")},
+       if p.stem in ("bench", "train", "model", "prepare", "rebuild") and '__name__ == "__main__"' in p.read_text()},
 }
 SCRIPTS = sorted(p for folder in ("benchmarks", "experiments") for p in (ROOT / folder).rglob("*.py"))
 
 
 def test_the_scripts_are_found():
     assert "benchmarks/bench_calibrate.py" in HELP and "experiments/smollm2/bench.py" in HELP
-    assert "experiments/dual_encoder/bench.py" in HELP
+    assert "experiments/dual_encoder/bench.py" in HELP and "experiments/llava_smollm2/rebuild.py" in HELP
 
 
 @pytest.mark.unit

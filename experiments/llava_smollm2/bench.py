@@ -1,0 +1,174 @@
+"""What pruning costs a LLaVA whose LLM is the real SmolLM2-135M-Instruct: VQA accuracy and KL to dense, with the CLI.
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python -m experiments.llava_smollm2.bench \
+        --model /work/bench/llava_smollm2/model --out experiments/results/llava_smollm2
+
+--model is what `experiments.llava_smollm2.rebuild` wrote. Every configuration is one `multiflow run`
+(calibration: --nsamples records of the package's demo calibration split, drawn by --seed) followed by one
+`multiflow eval --reference MODEL` on the first --eval-nsamples records of the demo evaluation split (drawn with
+seed 0): exact-match accuracy (overall and per question kind), KL(dense || pruned) per answer token and top-1
+agreement. Same grid options as experiments.smollm2.bench; results.jsonl is appended as results come (a rerun
+skips what is there), then table.md and accuracy_vs_sparsity.png are written. One configuration at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._common import git_rev, gnu_time
+from experiments.smollm2.bench import ALLOCATIONS, GROUPS, METHODS, config_key, grid
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "multiflow.cli"]
+DATA = REPO / "src/multiflow/demo_data"
+
+
+def evaluate(model: Path, reference: Path | None, args, scratch: Path) -> dict:
+    out = scratch / "eval.json"
+    cmd = [*CLI, "eval", "--model", str(model), "--data", str(DATA / "evaluation.jsonl"),
+           "--nsamples", str(args.eval_nsamples), "--output", str(out), "--quiet"]
+    done = subprocess.run(cmd + (["--reference", str(reference)] if reference else []), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError("eval: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+    result = json.loads(out.read_text())
+    return {"accuracy": result["accuracy"], "per_kind": {k: v["accuracy"] for k, v in result["per_kind"].items()},
+            "kl": result.get("kl", 0.0), "top1_agreement": result.get("top1_agreement", 1.0),
+            "nsamples_eval": result["nsamples"]}
+
+
+def run_config(c: dict, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="llava-smollm2-", dir=args.scratch) as scratch:
+        out = Path(scratch) / "pruned"
+        cmd = [*CLI, "run", "--model", str(args.model), "--data", str(DATA / "calibration.jsonl"),
+               "--nsamples", str(args.nsamples), "--seed", str(c["seed"]), "--method", c["method"].removesuffix("+obs"),
+               "--output", str(out), "--quiet"]
+        if c["method"].endswith("+obs"):
+            cmd += ["--update", "obs"]
+        if c["sparsity"] == "2:4":
+            cmd += ["--structure", "2:4"]
+        else:
+            cmd += ["--target-sparsity", str(c["sparsity"]), "--allocation", c["allocation"], "--group", c["group"]]
+        cmd += c.get("extra", [])
+        timed = [gnu_time(), "-f", "%M", "-o", str(Path(scratch) / "rss")] if gnu_time() else []
+        t0 = time.perf_counter()
+        done = subprocess.run(timed + cmd, capture_output=True, text=True)
+        run_s = time.perf_counter() - t0
+        if done.returncode:
+            return {**c, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        rss = int((Path(scratch) / "rss").read_text().split()[-1]) / 2**20 if timed else None
+        report = json.loads((out / "multiflow_report.json").read_text())
+        t1 = time.perf_counter()
+        try:
+            result = evaluate(out, args.model, args, Path(scratch))
+        except RuntimeError as exc:
+            return {**c, "error": str(exc)}
+        return {**c, **result, "achieved_sparsity": report["global"]["achieved_sparsity"],
+                "by_modality": {m: v.get("achieved_sparsity") for m, v in report.get("modalities", {}).items()}
+                if isinstance(report.get("modalities"), dict) else None,
+                "run_s": round(run_s, 1), "eval_s": round(time.perf_counter() - t1, 1), "peak_rss_gib": rss}
+
+
+def table(rows: list[dict], dense_row: dict) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["method"], r["allocation"], r["group"], str(r["sparsity"])), []).append(r)
+    sparsities = sorted({k[3] for k in groups}, key=lambda s: (s == "2:4", s))
+    lines = [f"Dense accuracy {100 * dense_row['accuracy']:.1f}% on {dense_row['nsamples_eval']} evaluation records "
+             f"(per kind: {', '.join(f'{k} {100 * v:.1f}%' for k, v in dense_row['per_kind'].items())}).", "",
+             "Exact-match accuracy % (mean over calibration seeds; KL(dense||pruned) per answer token in brackets)",
+             "", "| method | allocation | group | " + " | ".join(sparsities) + " |",
+             "|---|---|---|" + "---|" * len(sparsities)]
+    for cfg in sorted({k[:3] for k in groups}):
+        cells = []
+        for s in sparsities:
+            rs = groups.get((*cfg, s))
+            if not rs:
+                cells.append("")
+                continue
+            acc = statistics.mean(100 * r["accuracy"] for r in rs)
+            spread = f" ±{statistics.stdev(100 * r['accuracy'] for r in rs):.1f}" if len(rs) > 1 else ""
+            cells.append(f"{acc:.1f}{spread} ({statistics.mean(r['kl'] for r in rs):.3f})")
+        lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | " + " | ".join(cells) + " |")
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        lines += ["", "Failed configurations:", ""] + [f"- {config_key(r)}: {r['error']}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], dense_row: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if "error" not in r and r["sparsity"] != "2:4":
+            series.setdefault(f"{r['method']} / {r['allocation']} / {r['group']}", {}).setdefault(
+                float(r["sparsity"]), []).append(100 * r["accuracy"])
+    for label, points in sorted(series.items()):
+        xs = sorted(points)
+        ax.plot(xs, [statistics.mean(points[x]) for x in xs], marker="o", label=label)
+    ax.axhline(100 * dense_row["accuracy"], color="black", linestyle="--", label="dense")
+    ax.set_xlabel("target sparsity")
+    ax.set_ylabel("digits VQA exact match (%)")
+    ax.set_title("LLaVA with SmolLM2-135M-Instruct: what pruning costs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="what experiments.llava_smollm2.rebuild wrote")
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, table.md, the plot")
+    parser.add_argument("--scratch", type=Path, default=None, help="folder for pruned copies (default: system tmp)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS))
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS))
+    parser.add_argument("--configs", nargs="+", default=None, metavar="METHOD/ALLOCATION/GROUP",
+                        help="run these combinations instead of the product of --methods, --allocations, --groups")
+    parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration records (default 128, the seed's)")
+    parser.add_argument("--eval-nsamples", type=int, default=500, help="evaluation records (default 500)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="more `multiflow run` flags for every configuration (last on the line)")
+    args = parser.parse_args()
+    args.sparsities = [s if s == "2:4" else float(s) for s in args.sparsities]
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = args.out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    done = {config_key(r) for r in rows if "error" not in r}
+    dense_path = args.out / "dense.json"
+    if not dense_path.is_file():
+        with tempfile.TemporaryDirectory(prefix="llava-smollm2-", dir=args.scratch) as scratch:
+            dense_row = {"method": "dense", **evaluate(args.model, None, args, Path(scratch))}
+        dense_path.write_text(json.dumps({**dense_row, "git": git_rev(REPO)}, indent=2) + "\n")
+    dense_row = json.loads(dense_path.read_text())
+    todo = [c for c in grid(args) if config_key(c) not in done]
+    for i, c in enumerate(todo, 1):
+        if args.extra:
+            c["extra"] = args.extra
+        row = {**run_config(c, args), "git": git_rev(REPO), "nsamples": args.nsamples}
+        print(f"[{i}/{len(todo)}] {json.dumps(row)}", flush=True)
+        rows = [r for r in rows if config_key(r) != config_key(row)] + [row]
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (args.out / "table.md").write_text(table(rows, dense_row))
+    plot(rows, dense_row, args.out / "accuracy_vs_sparsity.png")
+    print((args.out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
