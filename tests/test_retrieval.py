@@ -189,6 +189,12 @@ def _tiny(kind: str):
         vision = {k: v for k, v in _VISION.items() if k != "image_size"} | {"patch_size": 16, "num_patches": 256}
         model = tf.Siglip2Model(tf.Siglip2Config(vision_config=vision, text_config=dict(_TEXT, projection_size=16)))
         processor = tf.Siglip2Processor(image_processor=tf.Siglip2ImageProcessorPil(), tokenizer=tokenizer)
+    elif kind == "dual":  # VisionTextDualEncoderModel: a CLIP vision tower and a BERT text encoder
+        config = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
+            tf.CLIPVisionConfig(**_VISION), tf.BertConfig(**_TEXT), projection_dim=8)
+        model = tf.VisionTextDualEncoderModel(config)
+        images = tf.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        processor = tf.VisionTextDualEncoderProcessor(image_processor=images, tokenizer=tokenizer)
     else:
         model = tf.BlipForImageTextRetrieval(tf.BlipConfig(vision_config=_VISION, image_text_hidden_size=8,
                                                            text_config=dict(_TEXT, encoder_hidden_size=16)))
@@ -202,9 +208,9 @@ def _tiny(kind: str):
     return model.eval(), processor
 
 
-KINDS = ("clip", "siglip", "siglip2", "blip")
+KINDS = ("clip", "siglip", "siglip2", "blip", "dual")
 CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model",
-           "blip": "BlipForImageTextRetrieval"}
+           "blip": "BlipForImageTextRetrieval", "dual": "VisionTextDualEncoderModel"}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +256,7 @@ def test_blip_retrieval_refuses_sequential(tiny):
     assert not (tiny / "never").exists()
 
 
-@pytest.mark.parametrize("kind", ("clip", "blip"))
+@pytest.mark.parametrize("kind", ("clip", "blip", "dual"))
 def test_run_prune_load_eval_via_cli(kind, tiny, capsys):
     import transformers
 
@@ -280,7 +286,7 @@ def test_run_prune_load_eval_via_cli(kind, tiny, capsys):
     assert {"text_to_image_top1", "image_to_text_top1", "image_embedding_drift", "text_embedding_drift",
             "zero_shot_prediction"} <= set(results["agreement"])
     assert results["agreement"]["image_embedding_drift"] > 0  # vision weights were pruned
-    assert ("kl" in results["agreement"]) == (kind == "clip")  # BLIP's ITC has no learned logit scale
+    assert ("kl" in results["agreement"]) == (kind != "blip")  # BLIP's ITC has no learned logit scale
 
 
 @pytest.mark.parametrize("kind", ("siglip", "siglip2"))
