@@ -122,6 +122,7 @@ def _deterministic_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from multiflow.evaluation.retrieval import DEFAULT_CLASS_TEMPLATE
     from multiflow.options import add_arguments
     from multiflow.pruning.config import PruneConfig
 
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--class-template", dest="class_templates", action="append", metavar="TEXT",
                    help="retrieval model (CLIP, SigLIP, BLIP retrieval): zero-shot class prompt with {label} for the "
                         "records' labels, e.g. 'a photo of the digit {label}'; repeat to average several "
-                        "(default 'a photo of a {label}.')")
+                        f"(default {DEFAULT_CLASS_TEMPLATE!r})")
     e.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype to run the models in (default float32)")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")

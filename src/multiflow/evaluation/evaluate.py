@@ -28,6 +28,7 @@ from multiflow.calibration.data import Sample, load_samples
 from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
 from multiflow.evaluation.reference import check_reference, kl_and_agreement, reference_warnings
+from multiflow.evaluation.retrieval import DEFAULT_CLASS_TEMPLATE
 from multiflow.models.prompts import build_prompt
 
 
@@ -68,7 +69,7 @@ class EvalConfig:
     device: str = "cpu"
     trust_remote_code: bool = False
     seq_len: int = DEFAULT_SEQ_LEN  # a plain language model: tokens per perplexity window
-    class_templates: tuple[str, ...] = ("a photo of a {label}.",)  # a retrieval model: zero-shot class prompts
+    class_templates: tuple[str, ...] = (DEFAULT_CLASS_TEMPLATE,)  # a retrieval model: zero-shot class prompts
 
     def __post_init__(self) -> None:
         for flag, value in (("--nsamples", self.nsamples), ("--batch-size", self.batch_size),

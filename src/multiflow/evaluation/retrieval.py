@@ -33,6 +33,7 @@ from multiflow.errors import MultiflowError
 from multiflow.models.retrieval import normalise
 
 RECALL_AT = (1, 5)
+DEFAULT_CLASS_TEMPLATE = "a photo of a {label}."  # CLIP's prompt for zero-shot classification
 
 
 # --- metrics on tensors ---------------------------------------------------------------------------------
