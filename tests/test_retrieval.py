@@ -150,6 +150,21 @@ def test_caption_records_load_with_labels(tmp_path):
         load_samples(tmp_path / "bad.jsonl")
 
 
+def test_caption_table_loads_with_labels(tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (8, 6), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    table = datasets.Dataset.from_dict({"image": images, "caption": ["red", " ", "blue"], "label": [3, 4, 5]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "caption": datasets.Value("string"),
+                                                                   "label": datasets.Value("int64")}))
+    table.to_parquet(str(tmp_path / "pairs.parquet"))
+    samples, report = load_samples(tmp_path / "pairs.parquet", 10)
+    assert sorted((s.caption, s.label, s.image.getpixel((0, 0))) for s in samples) == [
+        ("blue", "5", (0, 0, 255)), ("red", "3", (255, 0, 0))]
+    assert report.skipped == [("pairs.parquet[1]", "no question: empty or missing caption text")]
+
+
 # --- tiny models end to end ------------------------------------------------------------------------------
 
 def _tokenizer(max_length: int = 32):

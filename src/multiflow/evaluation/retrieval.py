@@ -235,7 +235,8 @@ def evaluate_retrieval(config, progress: bool = True) -> dict[str, Any]:
     if "reference" in embedded:
         out["agreement"] = _agreement(embedded["reference"], embedded["model"], labelled, len(classes), owners)
     out["items"] = [{"source": s.source, "caption": s.caption, "label": s.label, "image": image_of[i],
-                     "t2i_rank": int(ranks[i])} for i, s in enumerate(samples)]
+                     "image_source": samples[image_records[image_of[i]]].source, "t2i_rank": int(ranks[i])}
+                    for i, s in enumerate(samples)]
     return out
 
 
