@@ -123,10 +123,10 @@ def test_llava_conversations(tmp_path):
 
 def test_record_of_neither_format_is_an_error(tmp_path):
     write_image(tmp_path / "a.png")
-    records = [{"image": "a.png", "question": "ok?"}, {"image": "a.png", "caption": "a red square"}]
+    records = [{"image": "a.png", "question": "ok?"}, {"image": "a.png", "description": "a red square"}]
     (tmp_path / "bad.json").write_text(json.dumps(records))
-    with pytest.raises(MultiflowError, match=r"bad\.json record \[1\]: keys \['caption', 'image'\]; expected "
-                                             r"'image' with 'question'.*'conversations'"):
+    with pytest.raises(MultiflowError, match=r"bad\.json record \[1\]: keys \['description', 'image'\]; expected "
+                                             r"'image' with 'question'.*'conversations'.*'caption'"):
         load_samples(tmp_path / "bad.json")
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "question": "ok?"}\n["a.png", "q"]\n')
     with pytest.raises(MultiflowError, match=r"bad\.jsonl line 2: a list, expected an object"):

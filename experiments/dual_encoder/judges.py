@@ -1,4 +1,6 @@
 """Judges of pruning quality for the dual encoder: small functions on tensors, plus two embedders.
+The functions on tensors (retrieval mAP, similarity KL, cosine drift, zero-shot) live in the package,
+src/multiflow/evaluation/retrieval.py, and are re-exported here under the names bench.py uses.
 
 Embeddings are L2-normalised projected features (what `VisionTextDualEncoderModel.forward`
 compares); similarities are cosines, logits are cosines times `exp(logit_scale)`.
@@ -26,6 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+# The judges on tensors are the package's (`multiflow eval` on retrieval models uses them too).
+from multiflow.evaluation.retrieval import class_embeddings, cosine_drift, similarity_kl, zero_shot_accuracy  # noqa: F401
+from multiflow.evaluation.retrieval import mean_average_precision as retrieval  # noqa: F401
+from multiflow.models.retrieval import normalise
+
 # --- embedding ----------------------------------------------------------------------------------------
 
 
@@ -37,11 +44,6 @@ def _eval_mode(model: nn.Module):
         yield
     finally:
         model.train(was_training)
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm."""
-    return x / x.norm(dim=-1, keepdim=True)
 
 
 def embed_images(model, pixel_values: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -74,62 +76,6 @@ def unpadded_text_batches(tokenizer, texts: list[str], batch: int = 256) -> Iter
     for group in groups.values():
         for i in range(0, len(group), batch):
             yield dict(tokenizer(group[i:i + batch], return_tensors="pt"))
-
-
-# --- retrieval ----------------------------------------------------------------------------------------
-
-
-def retrieval(image_emb: torch.Tensor, caption_emb: torch.Tensor,
-              image_labels: torch.Tensor, caption_labels: torch.Tensor) -> dict[str, float]:
-    """Text-to-image retrieval: {"map": mean average precision, "r1": Recall@1} over captions."""
-    sims = caption_emb.double() @ image_emb.double().T  # (captions, images)
-    order = torch.sort(sims, dim=1, descending=True, stable=True).indices
-    relevant = (image_labels[order] == caption_labels[:, None]).double()  # ranked relevance
-    n_relevant = relevant.sum(dim=1)
-    if bool((n_relevant == 0).any()):
-        raise ValueError("a caption has no relevant image (its class has no image)")
-    ranks = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float64)
-    precision_at_hits = relevant.cumsum(dim=1) / ranks * relevant
-    ap = precision_at_hits.sum(dim=1) / n_relevant
-    return {"map": float(ap.mean()), "r1": float(relevant[:, 0].mean())}
-
-
-# --- against the dense model -------------------------------------------------------------------------
-
-
-def similarity_kl(ref_text: torch.Tensor, ref_images: torch.Tensor, text: torch.Tensor, images: torch.Tensor,
-                  logit_scale: float) -> float:
-    """Mean over captions of KL(P_ref || P) of the softmax over images of `logit_scale * cosine`
-    (`logit_scale` = exp of the model's `logit_scale` parameter). Inputs: normalised embeddings."""
-    log_p = torch.log_softmax(logit_scale * (ref_text.double() @ ref_images.double().T), dim=1)
-    log_q = torch.log_softmax(logit_scale * (text.double() @ images.double().T), dim=1)
-    return float((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
-
-
-def cosine_drift(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over rows of 1 - cos(reference_i, other_i)."""
-    cos = torch.nn.functional.cosine_similarity(reference.double(), other.double(), dim=1)
-    return float((1.0 - cos).mean())
-
-
-# --- zero-shot classification ------------------------------------------------------------------------
-
-
-def class_embeddings(text_emb: torch.Tensor, text_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, D): per class the mean of its normalised caption embeddings, normalised."""
-    text_emb = normalise(text_emb.double())
-    out = torch.zeros(num_classes, text_emb.shape[1], dtype=torch.float64)
-    out.index_add_(0, text_labels, text_emb)
-    counts = torch.bincount(text_labels, minlength=num_classes)
-    if bool((counts == 0).any()):
-        raise ValueError(f"no caption for classes {torch.nonzero(counts == 0).flatten().tolist()}")
-    return normalise(out)
-
-
-def zero_shot_accuracy(image_emb: torch.Tensor, image_labels: torch.Tensor, class_emb: torch.Tensor) -> float:
-    """Share of images whose most similar class embedding is their class (ties: lowest class)."""
-    pred = (image_emb.double() @ class_emb.double().T).argmax(dim=1)
-    return float((pred == image_labels).double().mean())
 
 
 # --- activation outliers -----------------------------------------------------------------------------

@@ -122,6 +122,7 @@ def _deterministic_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from multiflow.evaluation.retrieval import DEFAULT_CLASS_TEMPLATE
     from multiflow.options import add_arguments
     from multiflow.pruning.config import PruneConfig
 
@@ -218,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "also the mean token-level KL(dense || pruned) and top-1 agreement on the reference answers "
                     "(teacher forcing). Same data formats as calibrate. A plain language model (llama, qwen2, "
                     "gemma...) gets perplexity instead: exp of the mean next-token NLL over non-overlapping "
-                    "windows of --seq-len tokens of the --data text, and with --reference KL and top-1 agreement.",
+                    "windows of --seq-len tokens of the --data text, and with --reference KL and top-1 agreement. "
+                    "A retrieval model (CLIP, SigLIP, BLIP retrieval, dual encoders) gets image-to-text and "
+                    "text-to-image recall@1 and @5 on {image, caption[, label]} records, zero-shot accuracy when "
+                    "they carry labels (--class-template), and with --reference its agreement with the dense model.",
     )
     e.add_argument("--model", "--model_path", dest="model", metavar="PATH",
                    help="model folder to evaluate (default: the bundled demo model)")
@@ -236,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
                    help=f"plain language model: perplexity over non-overlapping windows of N tokens "
                         f"(default {DEFAULT_SEQ_LEN}); --nsamples then counts windows")
+    e.add_argument("--class-template", dest="class_templates", action="append", metavar="TEXT",
+                   help="retrieval model (CLIP, SigLIP, BLIP retrieval): zero-shot class prompt with {label} for the "
+                        "records' labels, e.g. 'a photo of the digit {label}'; repeat to average several "
+                        f"(default {DEFAULT_CLASS_TEMPLATE!r})")
     e.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype to run the models in (default float32)")
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -459,13 +467,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=model, data=Path(args.data) if args.data else _default_eval_data(args.model, model),
         reference=Path(args.reference) if args.reference else None, nsamples=args.nsamples, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len), progress=not args.quiet)
+        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len,
+        **({"class_templates": tuple(args.class_templates)} if args.class_templates else {})), progress=not args.quiet)
     if output is not None:
         write_atomic(output, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
     if "perplexity" in results:  # a plain language model
         from multiflow.reporting.console import render_perplexity
 
         print(f"{results['perplexity']:.4f}" if args.quiet else render_perplexity(results))
+        return 0
+    if results.get("task") == "retrieval":
+        from multiflow.reporting.console import render_retrieval
+
+        print(f"{results['text_to_image']['recall@1']:.4f}" if args.quiet else render_retrieval(results))
         return 0
     print(f"{results['accuracy']:.4f}" if args.quiet else render_eval(results))
     return 0

@@ -164,12 +164,14 @@ def run_blocks(
     on_block: Callable[[Block], None] | None = None,
     batches_per_pass: int | None = None,
     progress: bool = True,
+    forward: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None,
 ) -> dict[str, int]:
     """Run `loaded.model.base_model(**batch)` for every batch, block by block, with `collector`'s hooks
     counting (each batch inside `collector.batch(...)`); returns how many blocks and passes it took.
 
     `prunable`: the model's names of the prunable linears (those outside ModuleLists become blocks).
     `on_block` makes the run sequential (see the module docstring); it needs every batch in one pass.
+    `forward(model, batch)` replaces the base model's forward (a retrieval model's two towers: models/retrieval.py).
     """
     model, source = loaded.model, loaded.weights
     if source is None:
@@ -191,7 +193,7 @@ def run_blocks(
             for group in passes:
                 turns = _Turns(len(group))
                 hooks = _install_gates(blocks, turns, on_block is not None, collector)
-                _one_pass(loaded, blocks, group, turns, collector, on_block, bar)
+                _one_pass(loaded, blocks, group, turns, collector, on_block, bar, forward)
                 for h in hooks:
                     h.remove()
                 hooks = []
@@ -217,12 +219,15 @@ def _install_gates(blocks: list[Block], turns: _Turns, sequential: bool, collect
 
 
 def _one_pass(loaded: LoadedModel, blocks: list[Block], batches, turns: _Turns, collector: Collector, on_block,
-              bar) -> None:
+              bar, run_model=None) -> None:
     model, source = loaded.model, loaded.weights
 
     def forward(batch):
         with torch.inference_mode(), collector.batch(batch["attention_mask"], image_positions(loaded, batch)):
-            model.base_model(**batch, use_cache=False)
+            if run_model is None:
+                model.base_model(**batch, use_cache=False)
+            else:
+                run_model(model, batch)
 
     threads = [threading.Thread(target=turns.work, args=(w, lambda b=b: forward(b)), name=f"multiflow-batch-{w}",
                                 daemon=True) for w, b in enumerate(batches)]

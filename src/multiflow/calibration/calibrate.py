@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from multiflow.errors import MultiflowError
 from multiflow.models import inventory as layers
 from multiflow.models.loading import load_model
 from multiflow.models.prompts import build_prompt
+from multiflow.models.retrieval import encode_pairs, retrieval_head
 from multiflow.storage.stats_file import LayerStats, from_collector, save_stats
 
 log = logging.getLogger("multiflow")
@@ -89,6 +91,11 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
     inventory = layers.from_checkpoint(config.model, config.rules, config.vision_tower, config.allow_pickle)
     _check_output(config)
     text_only = inventory.family is not None and inventory.family.text_only
+    head = retrieval_head(inventory.family) if inventory.family is not None and inventory.family.retrieval else None
+    if head is not None and sequential and head.revisits_blocks:
+        raise MultiflowError(f"--sequential (and --method sparsegpt, --update obs) prune each block once, as "
+                             f"calibration reaches it; a {inventory.family.name} model runs its text blocks twice "
+                             f"(retrieval head {head.name}): drop --sequential, or use --method wanda / multiflow")
     if text_only:  # a plain causal LM: windows of tokens, no images, no prompts
         if config.include_answers:
             raise MultiflowError("--include-answers applies to image-question data; a plain language model is "
@@ -108,19 +115,21 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
     names = [to_model[layer.name] for layer in inventory.layers]
     aligned = _aligned_pattern(family, loaded)
     batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+    encode = _encode if head is None else partial(_encode_pairs, head)
+    forward = None if head is None else head.calibration_forward
     with collect_statistics(loaded.model, names, aligned, config.split_token_types) as collector, \
             contextlib.ExitStack() as attached:
         if config.whole_model:
-            _whole_model(loaded, batches, collector, config, progress)
+            _whole_model(loaded, batches, collector, config, progress, encode, forward)
             execution = "whole model"
         else:
-            encoded = [_encode(loaded.processor, b, config.include_answers).to(loaded.device) for b in batches]
+            encoded = [encode(loaded.processor, b, config.include_answers).to(loaded.device) for b in batches]
             on_block = None if masker is None else _pruning_step(loaded, collector, set(names), masker)
             if pruner is not None:
                 on_block = attached.enter_context(pruner.attach(loaded, collector, names))
             per_pass = config.samples_per_pass or (len(samples) if sequential else DEFAULT_SAMPLES_PER_PASS)
             run = run_blocks(loaded, [dict(e) for e in encoded], collector, names, on_block,
-                             max(1, per_pass // config.batch_size), progress)
+                             max(1, per_pass // config.batch_size), progress, forward)
             execution = (f"block by block ({run['blocks']} blocks, {run['passes']} pass"
                          f"{'es' if run['passes'] > 1 else ''}{', sequential' if sequential else ''})")
     stats = {loaded.to_inventory_name[name]: st for name, st in from_collector(collector).items()}
@@ -139,6 +148,7 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
         "seed": config.seed,
         "batch_size": config.batch_size,
         "prompt": (f"text windows of {config.seq_len} tokens" if text_only else
+                   f"image-caption pairs (retrieval head {head.name})" if head is not None else
                    "with answers" if config.include_answers else "ends at the answer slot"),
         **({"seq_len": config.seq_len} if text_only else {}),
         "dtype": config.dtype,
@@ -166,13 +176,18 @@ def _check_output(config: CalibrationConfig) -> None:
                                       "the --rules file": config.rules}, config.overwrite, example="stats.safetensors")
 
 
-def _whole_model(loaded, batches: list[list[Sample]], collector, config: CalibrationConfig, progress: bool) -> None:
+def _whole_model(loaded, batches: list[list[Sample]], collector, config: CalibrationConfig, progress: bool,
+                 encode=None, forward=None) -> None:
+    """Every batch through the whole model: its own forward, or `forward(model, inputs)` (a retrieval head's)."""
     bar = tqdm(total=sum(len(b) for b in batches), unit="sample", desc="Step 2: calibration", disable=not progress)
     with bar:
         for batch in batches:
-            inputs = _encode(loaded.processor, batch, config.include_answers).to(loaded.device)
+            inputs = (encode or _encode)(loaded.processor, batch, config.include_answers).to(loaded.device)
             with collector.batch(inputs["attention_mask"], image_positions(loaded, inputs)), torch.inference_mode():
-                loaded.model(**inputs, use_cache=False)
+                if forward is None:
+                    loaded.model(**inputs, use_cache=False)
+                else:
+                    forward(loaded.model, dict(inputs))
             bar.update(len(batch))
 
 
@@ -201,6 +216,22 @@ def _aligned_pattern(family, loaded) -> str | None:
     if family is not None and family.converted_to is not None:
         return family_by_name(family.converted_to).aligned_layers
     return family.aligned_layers if family else None
+
+
+def pair_text(sample: Sample, include_answers: bool = False) -> str:
+    """A retrieval model's text for a sample: its caption; for question-answer data, the question (and
+    the answer after it with --include-answers)."""
+    if sample.caption is not None:
+        return sample.caption
+    return f"{sample.question} {sample.answer}" if include_answers and sample.answer else sample.question
+
+
+def _encode_pairs(head, processor: Any, batch: list[Sample], include_answers: bool):
+    """A retrieval model's inputs: the images and their texts (models/retrieval.py)."""
+    from transformers import BatchFeature
+
+    return BatchFeature(encode_pairs(processor, head, [s.image for s in batch],
+                                     [pair_text(s, include_answers) for s in batch]))
 
 
 def _encode(processor: Any, batch: list[Sample] | list[TextWindow], include_answers: bool):

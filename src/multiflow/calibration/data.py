@@ -4,14 +4,17 @@ Accepted data:
 - a `.json` file holding a list of records or a `.jsonl` file (one record a line). A record is
   `{"image": path, "question": ..., "answer": ...}` (answer optional) or LLaVA's training format
   `{"image": path, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}`
-  (first human turn without the `<image>` token = question, the gpt turn after it = answer).
+  (first human turn without the `<image>` token = question, the gpt turn after it = answer), or an
+  image-caption pair `{"image": path, "caption": ...[, "label": ...]}` ("text" for "caption"): the
+  caption is the sample's text (`Sample.question` and `Sample.caption`), the label a class name for
+  zero-shot classification (retrieval models, evaluation/retrieval.py).
   Relative image paths are resolved against `image_folder`, by default the JSON file's folder.
   Records without an image are left out and counted (`DataReport.without_image`).
 - a folder written by `datasets.Dataset.save_to_disk` (or a `DatasetDict`: its "train" split if
   present, else the first), or a `.parquet` file or a folder of them (only the files of the train
   split when the names show splits). Columns: an image column (`image`, else the first
   `datasets.Image` column) and `question`/`answer`, `questions`/`answers` lists (one image, several
-  questions: each pair is one candidate), or LLaVA `conversations`.
+  questions: each pair is one candidate), LLaVA `conversations`, or `caption` [+ `label`].
 - `None`: the bundled set (see `describe_bundled()`).
 
 Sampling: a `random.Random(seed)` shuffle of all candidate (image, question) pairs, then the first
@@ -62,11 +65,11 @@ from multiflow.errors import MultiflowError
 
 log = logging.getLogger("multiflow")
 
-ACCEPTED = ("accepted: a .json (list of records) or .jsonl file with {image, question[, answer]} or LLaVA "
-            "{image, conversations} records, a datasets.save_to_disk folder, a .parquet file or a folder "
+ACCEPTED = ("accepted: a .json (list of records) or .jsonl file with {image, question[, answer]}, LLaVA "
+            "{image, conversations} or {image, caption[, label]} records, a datasets.save_to_disk folder, a .parquet file or a folder "
             "of .parquet files, or no data for the bundled set")
 EXPECTED_COLUMNS = ("an image column ('image' or a datasets.Image feature) with 'question' [+ 'answer'], "
-                    "'questions' [+ 'answers'] list columns, or LLaVA 'conversations'")
+                    "'questions' [+ 'answers'] list columns, LLaVA 'conversations', or 'caption' [+ 'label']")
 MIN_SIDE = 2
 MAX_SIDE = 2048  # longest side of a kept image (module docstring: bounded memory)
 _STRIP_PIXELS = 1 << 22  # source pixels converted to RGB at once while reducing a large image
@@ -84,6 +87,8 @@ class Sample:
     answer: str | None
     source: str
     kind: str | None = None  # question kind, when the data names one (JSON "kind" / "question_type")
+    caption: str | None = None  # an image-caption record's caption (then also `question`)
+    label: str | None = None  # its class name, when the record gives one ("label")
 
 
 @dataclass
@@ -106,6 +111,8 @@ class _Candidate:
     answer: str | None
     ref: Any  # what the data's fetch needs to find the image: a path, a row index...
     kind: str | None = None
+    caption: str | None = None
+    label: str | None = None
 
 
 @dataclass
@@ -245,7 +252,8 @@ def _take(opened: _Data, order: list[int], nsamples: int) -> tuple[list[Sample],
             finally:
                 for warning in caught:
                     log.warning("%s: %s: %s", candidate.source, warning.category.__name__, warning.message)
-            samples.append(Sample(image, candidate.question, candidate.answer, candidate.source, candidate.kind))
+            samples.append(Sample(image, candidate.question, candidate.answer, candidate.source, candidate.kind,
+                                  candidate.caption, candidate.label))
     return samples, skipped
 
 
@@ -436,8 +444,10 @@ def _from_records(path: Path, base: Path, kind: str, records: Iterable[tuple[str
             skipped.append((source, "no question: empty question text"))
             continue
         question_kind = record.get("kind", record.get("question_type"))
+        caption = None if "question" in record or "conversations" in record else question  # an image-caption pair
         candidates.append(_Candidate(source, question, answer, base / image,
-                                     question_kind if isinstance(question_kind, str) else None))
+                                     question_kind if isinstance(question_kind, str) else None,
+                                     caption, _label(record.get("label"), f"{path} {where}")))
     return _Data(str(path), "llava-json" if saw_llava else kind, candidates, _fetch_paths, without_image, skipped)
 
 
@@ -454,8 +464,31 @@ def _record_text(record: Any, where: str) -> tuple[str, str | None, bool]:
     if "conversations" in record:
         question, answer = _first_exchange(record["conversations"], where)
         return question, answer, True
-    raise MultiflowError(f"{where}: keys {sorted(record)}; expected 'image' with 'question' [+ 'answer'] "
-                         f"or LLaVA 'conversations' ([{{'from': 'human', 'value': ...}}, {{'from': 'gpt', ...}}])")
+    caption = _caption(record, where)
+    if caption is not None:
+        return caption, None, False
+    raise MultiflowError(f"{where}: keys {sorted(record)}; expected 'image' with 'question' [+ 'answer'], "
+                         f"LLaVA 'conversations' ([{{'from': 'human', 'value': ...}}, {{'from': 'gpt', ...}}]) "
+                         f"or 'caption' [+ 'label']")
+
+
+def _caption(record: dict, where: str) -> str | None:
+    """An image-caption record's caption ("caption", else "text"), stripped; None when it has neither."""
+    key = "caption" if "caption" in record else "text" if "text" in record else None
+    if key is None:
+        return None
+    if not isinstance(record[key], str):
+        raise MultiflowError(f"{where}: '{key}' must be a string")
+    return record[key].strip()
+
+
+def _label(value: Any, where: str) -> str | None:
+    """A class label: a string or a whole number (written as text); None when absent."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise MultiflowError(f"{where}: 'label' must be a string or a whole number, not {type(value).__name__}")
 
 
 def _first_exchange(conversations: Any, where: str) -> tuple[str, str | None]:
@@ -489,6 +522,8 @@ def _pick_columns(names: list[str], image_like: Callable[[str], bool], where: st
         text = ("questions", "answers") if "answers" in names else ("questions",)
     elif "conversations" in names:
         text = ("conversations",)
+    elif "caption" in names:
+        text = ("caption", "label") if "label" in names else ("caption",)
     else:
         text = ()
     if image is None or not text:
@@ -510,6 +545,15 @@ def _table_candidates(label: Callable[[int], str], text: dict[str, list[Any]], c
                      for i, q in enumerate(questions)]
         elif first == "question":
             pairs = [(label(row), text["question"][row], text["answer"][row] if "answer" in text else None)]
+        elif first == "caption":
+            caption = text["caption"][row]
+            if isinstance(caption, str) and caption.strip():
+                candidates.append(_Candidate(label(row), caption.strip(), None, row, caption=caption.strip(),
+                                             label=_label(text["label"][row] if "label" in text else None,
+                                                          f"{where} row {row}")))
+            else:
+                skipped.append((label(row), "no question: empty or missing caption text"))
+            continue
         else:
             question, answer = _first_exchange(text["conversations"][row], f"{where} row {row}")
             pairs = [(label(row), question, answer)]

@@ -28,6 +28,7 @@ from multiflow.calibration.data import Sample, load_samples
 from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
 from multiflow.evaluation.reference import check_reference, kl_and_agreement, reference_warnings
+from multiflow.evaluation.retrieval import DEFAULT_CLASS_TEMPLATE
 from multiflow.models.prompts import build_prompt
 
 
@@ -68,6 +69,7 @@ class EvalConfig:
     device: str = "cpu"
     trust_remote_code: bool = False
     seq_len: int = DEFAULT_SEQ_LEN  # a plain language model: tokens per perplexity window
+    class_templates: tuple[str, ...] = (DEFAULT_CLASS_TEMPLATE,)  # a retrieval model: zero-shot class prompts
 
     def __post_init__(self) -> None:
         for flag, value in (("--nsamples", self.nsamples), ("--batch-size", self.batch_size),
@@ -78,7 +80,8 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Generate answers for every sample; score them; compare with the reference model if given.
-    A plain language model gets perplexity on text windows instead (`perplexity.evaluate_perplexity`)."""
+    A plain language model gets perplexity on text windows instead (`perplexity.evaluate_perplexity`),
+    a retrieval model recall@k and zero-shot accuracy (`retrieval.evaluate_retrieval`)."""
     from multiflow.models import inventory as layers
     from multiflow.models.loading import load_model
 
@@ -87,6 +90,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         from multiflow.evaluation.perplexity import evaluate_perplexity
 
         return evaluate_perplexity(config, progress)
+    if family is not None and family.retrieval:
+        from multiflow.evaluation.retrieval import evaluate_retrieval
+
+        return evaluate_retrieval(config, progress)
     samples, report = load_samples(config.data, config.nsamples if config.nsamples else 10**9, config.seed)
     samples = [s for s in samples if s.answer]
     if not samples:

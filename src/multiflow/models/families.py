@@ -90,8 +90,11 @@ class Family:
     folder (`--vision-tower`) are placed (`vision_tower_name`). `aligned_layers` selects the layers
     whose inputs line up with the prompt's token positions (padding and image
     tokens are told apart there in Step 2). `task` says which transformers Auto class runs the model
-    and what its inputs are: "image-text-to-text" (images and prompts, a processor) or
-    "text-generation" (a plain causal LM: text only, a tokenizer). `architecture_pattern` matches
+    and what its inputs are: "image-text-to-text" (images and prompts, a processor),
+    "text-generation" (a plain causal LM: text only, a tokenizer) or "retrieval" (an image-text
+    embedding model, CLIP-like: image-caption pairs through both towers, the class named in the config's
+    `architectures` among the family's; `retrieval_head` names how it embeds, an entry of
+    models/retrieval.py's RETRIEVAL_HEADS). `architecture_pattern` matches
     any `config.architectures` entry by regular expression (a catch-all family). `converted_to` names
     the family whose transformers model a checkpoint of this family becomes in memory to run (Step 2,
     eval), `conversion_renames` mapping this family's module names to that model's.
@@ -111,7 +114,8 @@ class Family:
     # Dead layers: vision layers past the one whose output the model reads (config key), by index.
     feature_layer_key: str | None = None
     vision_layer_pattern: str | None = None  # regex whose group 1 is the vision layer index
-    task: str = "image-text-to-text"  # or "text-generation": a plain causal LM (tokenizer, text only)
+    task: str = "image-text-to-text"  # or "text-generation": a plain causal LM (tokenizer, text only), or "retrieval"
+    retrieval_head: str | None = None  # task "retrieval": how images and texts are embedded (models/retrieval.py)
     architecture_pattern: str | None = None
     converted_to: str | None = None  # run as this family's transformers model (a converter in models/loading.py)
     conversion_renames: tuple[tuple[str, str], ...] = ()  # this family's names -> the converted model's
@@ -127,6 +131,12 @@ class Family:
     def text_only(self) -> bool:
         """A plain language model: calibrated and evaluated on text, without images."""
         return self.task == "text-generation"
+
+    @property
+    def retrieval(self) -> bool:
+        """An image-text retrieval model (two towers or an ITC head): calibrated on image-caption pairs,
+        evaluated by recall@k (evaluation/retrieval.py)."""
+        return self.task == "retrieval"
 
     def dead_layers(self, config: Mapping[str, Any], names: Iterable[str]) -> list[str]:
         """Vision layers whose output cannot reach the model's output.
@@ -237,6 +247,19 @@ FAMILIES: tuple[Family, ...] = (
         renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
         aligned_layers=r"^model\.language_model\.",
     ),
+    # BLIP's image-text retrieval model (the MULTIFLOW authors' BLIP grouping): before "blip", whose model_type it
+    # shares. Cross-attention keys and values read the image tokens, not the caption's: not prompt-aligned.
+    family(
+        "blip-retrieval", VT, [
+            (r"^vision_model\.", "vision", "ViT image encoder"),
+            (r"(^|\.)(vision_proj|text_proj|itm_head)$", "skip", "head (skipped by the authors)"),
+            (r"^text_encoder\.", "text", "text encoder (its cross-attention too, as the authors group it)"),
+        ],
+        architectures=("BlipForImageTextRetrieval",),
+        aligned_layers=r"^text_encoder\.(?!.*\.crossattention\.self\.(key|value)$)",
+        task="retrieval",
+        retrieval_head="blip-itc",
+    ),
     family(
         "blip", VT, [
             (r"^vision_model\.", "vision", "ViT image encoder"),
@@ -245,7 +268,7 @@ FAMILIES: tuple[Family, ...] = (
             (r"^text_", "text", "text encoder / decoder"),
         ],
         model_types=("blip",),
-        architectures=("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval"),
+        architectures=("BlipForConditionalGeneration", "BlipForQuestionAnswering"),
         aligned_layers=r"^text_",
     ),
     family(
@@ -255,9 +278,37 @@ FAMILIES: tuple[Family, ...] = (
             (r"^text_model\.", "text", "text transformer"),
             (r"^(visual|text)_projection$", "skip", "projection head"),
         ],
-        model_types=("clip", "clip_vision_model"),
-        architectures=("CLIPModel", "CLIPVisionModel"),
+        model_types=("clip",),
+        architectures=("CLIPModel",),
         aligned_layers=r"^text_model\.",
+        task="retrieval",
+        retrieval_head="dual-encoder",
+    ),
+    # a CLIP vision tower alone: CLIP's rules, not a retrieval model
+    family(
+        "clip-vision", ("vision",), [
+            (r"^(vision_model\.)?(embeddings|encoder|pre_layrnorm|post_layernorm)\.", "vision", "ViT"),
+            (r"^vision_model\.", "vision", "ViT image encoder"),
+            (r"^visual_projection$", "skip", "projection head"),
+        ],
+        model_types=("clip_vision_model",),
+        architectures=("CLIPVisionModel",),
+    ),
+    # SigLIP and SigLIP 2: two towers, a sigmoid loss; the text tower's `head` is its projection. The vision
+    # pooling head's nn.MultiheadAttention reads its out_proj weight without calling the module (no statistics
+    # can be recorded): skipped with the projections.
+    family(
+        "siglip", VT, [
+            (r"^vision_model\.head\.attention\.", "skip", "attention-pooling head's MultiheadAttention"),
+            (r"^vision_model\.", "vision", "ViT image encoder"),
+            (r"^text_model\.head$", "skip", "projection head (skipped, as CLIP's)"),
+            (r"^text_model\.", "text", "text transformer"),
+        ],
+        model_types=("siglip", "siglip2"),
+        architectures=("SiglipModel", "Siglip2Model"),
+        aligned_layers=r"^text_model\.",
+        task="retrieval",
+        retrieval_head="siglip",
     ),
     # transformers' VisionTextDualEncoderModel (any vision tower + any text encoder, CLIP-style heads):
     # the pretrained-weights judge of experiments/dual_encoder (CLIP vision tower + pretrained MiniLM).
@@ -270,6 +321,8 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("vision-text-dual-encoder",),
         architectures=("VisionTextDualEncoderModel",),
         aligned_layers=r"^text_model\.encoder\.",  # the pooler reads the [CLS] state only: no token positions
+        task="retrieval",
+        retrieval_head="dual-encoder",
     ),
     # Plain decoder-only language models (LlamaForCausalLM and its kin): one modality, text. Checkpoint keys
     # are the in-memory names (`model.layers.N.self_attn.q_proj`, phi3's fused `qkv_proj` / `gate_up_proj`);

@@ -168,6 +168,8 @@ def load_model(
         return convert(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle, lazy)
     text_only = inventory.family is not None and inventory.family.text_only  # a plain causal LM: a tokenizer
     auto_model = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+    if inventory.family is not None and inventory.family.retrieval:  # its own class: no Auto class covers them all
+        auto_model = retrieval_class(inventory.family, inventory.config, folder)
     try:
         processor = (AutoTokenizer if text_only else AutoProcessor).from_pretrained(
             folder, trust_remote_code=trust_remote_code)
@@ -183,7 +185,8 @@ def load_model(
 
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
             with init_empty_weights(include_buffers=False):
-                model = auto_model.from_config(config, trust_remote_code=trust_remote_code)
+                model = (auto_model.from_config(config, trust_remote_code=trust_remote_code)
+                         if hasattr(auto_model, "from_config") else auto_model(config))  # an Auto class, or a class
         else:
             extra = {"device_map": device_map} if device_map else {}
             model = auto_model.from_pretrained(
@@ -214,6 +217,18 @@ def load_model(
         token_id = getattr(model.config, "image_token_index", None)
     return LoadedModel(model, processor, target, token_id, {l.name: l.name for l in inventory.layers}, weights,
                        DTYPES[dtype])
+
+
+def retrieval_class(family, config: dict, folder: Path):
+    """The transformers class a retrieval checkpoint names in `architectures`, if the family lists it
+    (BLIP's model_type also covers captioning and VQA: AutoModel would pick another class)."""
+    import transformers
+
+    named = [a for a in config.get("architectures") or () if a in family.architectures]
+    if not named:
+        raise MultiflowError(f"{folder}/config.json: architectures {config.get('architectures')} name none of the "
+                             f"{family.name} retrieval classes ({', '.join(family.architectures)})")
+    return getattr(transformers, named[0])
 
 
 def _check_loaded(model: torch.nn.Module, folder: Path, renames, allow_pickle: bool) -> None:

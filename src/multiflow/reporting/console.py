@@ -281,3 +281,28 @@ def render_perplexity(results: dict) -> str:
     for line in _table(rows, set(range(len(row)))):
         w(line)
     return out.getvalue()
+
+
+def render_retrieval(results: dict) -> str:
+    """`multiflow eval` on a retrieval model: recall@k both ways, zero-shot accuracy, agreement with the dense model."""
+    out = io.StringIO()
+    w = lambda line="": print(line, file=out)  # noqa: E731
+    for line in _eval_header(results, f"   images: {results['images']}   captions: {results['captions']}"):
+        w(line)
+    ks = list(results["text_to_image"])
+    rows = [["Direction"] + [k.replace("recall", "R") for k in ks]]
+    for label, key in (("image -> text", "image_to_text"), ("text -> image", "text_to_image")):
+        rows.append([label] + [_pct(results[key][k]) for k in ks])
+    for line in _table(rows, set(range(1, len(rows[0])))):
+        w(line)
+    if "zero_shot" in results:
+        z = results["zero_shot"]
+        w(f"Zero-shot accuracy: {_pct(z['accuracy'])} ({z['images']} images, {len(z['classes'])} classes)")
+    if "agreement" in results:
+        a = results["agreement"]
+        w("Agreement with the dense model: top-1 text -> image " + _pct(a["text_to_image_top1"]) +
+          ", image -> text " + _pct(a["image_to_text_top1"]) +
+          (f", zero-shot prediction {_pct(a['zero_shot_prediction'])}" if "zero_shot_prediction" in a else "") +
+          f"; embedding drift (1 - cos) image {a['image_embedding_drift']:.4g}, text {a['text_embedding_drift']:.4g}" +
+          (f"; KL(dense||model) {a['kl']:.4g}" if "kl" in a else ""))
+    return out.getvalue()
