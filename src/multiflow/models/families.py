@@ -225,7 +225,7 @@ _SIGLIP_LAYERS = r"^model\.vision_tower\.encoder\.layers\.(\d+)\."
 # PaliGemma's checkpoints have no chat template: its processor puts the image tokens and BOS in front of
 # the prompt and ends it with "\n"; the answer follows (big_vision's prefix / suffix format).
 PALIGEMMA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'user' %}\n{% endif %}"
+    "{% for message in messages %}{% if message['role'] != 'user' %}{{ '\\n' }}{% endif %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% endfor %}"
 )
