@@ -384,3 +384,55 @@ def test_calibrate_prune_load_eval(vlm, jsonl, tmp_path):
                        progress=False)
     assert results["nsamples"] == 2 and results["kl"] > 0 and 0 <= results["top1_agreement"] <= 1
     assert all(isinstance(item["prediction"], str) for item in results["items"])
+
+
+def sparse_checkpoint(folder: Path, tensors: dict[str, list], dtype: str, config: dict) -> Path:
+    """A safetensors file with these keys and shapes whose data is a hole (a sparse file: headers are all that
+    Step 1 reads), and the config."""
+    import struct
+
+    folder.mkdir()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, (shape, _) in tensors.items():
+        size = 2 * int(torch.tensor(shape).prod())  # 2 bytes: BF16
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("fixture", sorted(LAYOUTS.glob("*.json")), ids=lambda p: p.stem)
+def test_real_layouts_get_their_groups(fixture, tmp_path):
+    """Public checkpoints' key names and shapes (tests/fixtures/layouts: where each came from is in the file):
+    every key gets its group through the preset and renames, and names a parameter of the model transformers
+    builds from the checkpoint's config, with that shape."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    doc = json.loads(fixture.read_text())
+    config, tensors = doc["config"], doc["tensors"]
+    assert doc["dtype"] == "BF16" and {group for _, group in tensors.values()} >= {"vision", "fusion", "skip", "other"}
+    inv = layers.from_checkpoint(sparse_checkpoint(tmp_path / "ckpt", tensors, doc["dtype"], config))
+    assert inv.family is family_for(config) and inv.family.name == config["model_type"]
+    found = {l.name: (l.modality, list(l.shape)) for l in inv.layers}
+    skipped = {name for name, _, _ in inv.skipped}
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**config))
+    params = {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    other = 0
+    for key, (shape, group) in tensors.items():
+        name = module_name(key.removesuffix(".weight"), inv.renames)
+        assert params.get(name + ".weight" if key.endswith(".weight") else name) == shape, key
+        if group in ("vision", "fusion"):
+            assert found.get(name) == (group, shape), key
+        elif group == "skip":
+            assert name in skipped and name not in found, key
+        else:
+            assert name not in found and name not in skipped, key
+            other += int(torch.tensor(shape).prod())
+    assert len(found) + len(skipped) == sum(group != "other" for _, group in tensors.values())
+    assert inv.other_params == other
