@@ -436,3 +436,26 @@ def test_real_layouts_get_their_groups(fixture, tmp_path):
             other += int(torch.tensor(shape).prod())
     assert len(found) + len(skipped) == sum(group != "other" for _, group in tensors.values())
     assert inv.other_params == other
+
+
+def test_a_pooling_head_made_prunable_is_refused_by_calibration_not_crashed(jsonl, tmp_path):
+    """nn.MultiheadAttention reads out_proj.weight itself (no hook fires, and block by block its weight would
+    still be on the meta device): a rules file that makes SigLIP's head prunable gets an error naming the layer
+    in both calibration modes, and the head can still be pruned by magnitude."""
+    from multiflow.errors import MultiflowError
+
+    model, processor, _ = tiny("paligemma")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {pattern: '^model\\.vision_tower\\.', group: vision}\n"
+                     "  - {pattern: '^model\\.(multi_modal_projector|language_model\\.layers)\\.', group: fusion}\n")
+    assert "model.vision_tower.head.attention.out_proj" in {l.name for l in layers.from_checkpoint(folder, rules).layers}
+    for whole in (False, True):
+        with pytest.raises(MultiflowError, match=r"layer model\.vision_tower\.head\.attention\.out_proj is the output "
+                                                 r"projection of an nn\.MultiheadAttention.*--method magnitude"):
+            calibrate(CalibrationConfig(model=folder, data=jsonl, nsamples=1, rules=rules, whole_model=whole,
+                                        output=tmp_path / f"s{whole}.safetensors"), False)
+    report = multiflow.prune(folder, tmp_path / "mag", 0.5, method="magnitude", rules=rules)
+    assert report["layers"]["model.vision_tower.head.attention.out_proj"]["achieved_sparsity"] > 0
