@@ -345,6 +345,11 @@ def test_calibrate_prune_load_eval(vlm, jsonl, tmp_path):
 
         assert build_prompt(loaded.processor, "Why?", None) == "Why?"
         assert build_prompt(loaded.processor, "Why?", "blue") == "Why?\nblue"
+    dist = multiflow.compute_distribution(folder, 0.5)  # Step 1: the checkpoint and the module agree
+    assert dist.layer_sparsity == multiflow.compute_distribution(model, 0.5).layer_sparsity
+    assert set(dist.layers) == {l.name for l in inv.layers} and dist.modalities == ("vision", "text", "fusion")
+    assert sum(s.pruned for s in dist.layers.values()) == pytest.approx(0.5 * sum(s.numel for s in dist.layers.values()),
+                                                                        abs=len(dist.layers))
     common = dict(model=folder, data=jsonl, nsamples=3, batch_size=2, split_token_types=True)
     blocks, meta = calibrate(CalibrationConfig(output=tmp_path / "b.safetensors", **common), False)
     whole, _ = calibrate(CalibrationConfig(output=tmp_path / "w.safetensors", whole_model=True, **common), False)
