@@ -253,6 +253,23 @@ def write(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     return folder
 
 
+def hub_copy(folder: Path, dest: Path) -> Path:
+    """`folder` (a 5.x save) rewritten with the 4.x hub keys, its other files copied."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    to_memory = layers.from_checkpoint(folder).renames
+    write(dest, {hub_key(module_name(k, to_memory) if not k.startswith("language_model.lm_head") else "lm_head.weight",
+                         config["model_type"]): v for k, v in tensors.items()}, config)
+    for file in folder.iterdir():
+        if file.name not in ("model.safetensors", "config.json"):
+            shutil.copyfile(file, dest / file.name)
+    return dest
+
+
 def expected_groups(model) -> tuple[dict[str, str], set[str]]:
     """{linear: modality} and the skipped 2-D tensors, from the model's own modules (not from the rules)."""
     groups = {n: "vision" for n in linears(model, "model.vision_tower.") if ".head." not in n}
@@ -357,6 +374,9 @@ def test_calibrate_prune_load_eval(vlm, jsonl, tmp_path):
     for layer, st in whole.items():
         assert blocks[layer].tokens == st.tokens > 0, layer
         assert torch.equal(blocks[layer].sq_mean, st.sq_mean), layer  # bit for bit
+    hub = hub_copy(folder, tmp_path / "hub")  # the 4.x hub layout, block by block: the same statistics
+    from_hub, _ = calibrate(CalibrationConfig(output=tmp_path / "h.safetensors", **{**common, "model": hub}), False)
+    assert all(torch.equal(from_hub[layer].sq_mean, st.sq_mean) for layer, st in blocks.items())
     samples, _ = load_samples(jsonl, 3, 0)
     tokens, images = encoded(loaded.processor, samples, image_token)
     assert images > 0
