@@ -281,7 +281,9 @@ def expected_groups(model) -> tuple[dict[str, str], set[str]]:
     return groups, skipped
 
 
-def test_preset_groups_every_layout(vlm, tmp_path):
+def test_preset_groups_every_layout(vlm, tmp_path, capsys):
+    from multiflow.cli import main
+
     folder, model, _ = vlm
     name = model.config.model_type
     saved = keys_of(folder)
@@ -312,6 +314,9 @@ def test_preset_groups_every_layout(vlm, tmp_path):
         listed = [(l.name, l.modality, l.shape) for l in inv.layers]
         assert reference is None or listed == reference
         reference = listed
+    assert main(["modalities", "--model", str(folder)]) == 0
+    shown = capsys.readouterr().out
+    assert f"rules: {name}" in shown and all(rule.why in shown for _, _, rule in inv.skipped)
     module = layers.from_module(model)
     assert [(l.name, l.modality, l.shape) for l in module.layers] == reference
     linear_only = {n for n in skipped if "embed" not in n}  # an nn.Module's candidates are its nn.Linear modules
@@ -390,7 +395,7 @@ def test_calibrate_prune_load_eval(vlm, jsonl, tmp_path):
     why = {s["name"]: s["why"] for s in report["skipped"]}
     assert set(why) == {n for n, _, _ in inv.skipped}
     if name in SIGLIP_FAMILIES:
-        assert "pooling head" in why["model.vision_tower.head.mlp.fc1"]
+        assert why["model.vision_tower.head.mlp.fc1"] == "SigLIP pooling head: its output is never read"
     if name == "gemma3":
         assert "bare projection" in why["model.multi_modal_projector.mm_input_projection_weight"]
     pruned = AutoModelForImageTextToText.from_pretrained(out).eval()

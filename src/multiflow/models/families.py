@@ -206,8 +206,7 @@ def _llava_like(name: str, model_types: tuple[str, ...], architectures: tuple[st
     return family(
         name, VTF, [
             *extra_rules,
-            (r"^model\.vision_tower\.head\.", "skip", "SigLIP pooling head: the model reads the patch features, "
-             "never the pooled output (nn.MultiheadAttention also reads its weights directly)"),
+            (r"^model\.vision_tower\.head\.", "skip", "SigLIP pooling head: its output is never read"),
             (r"^model\.vision_tower\.", "vision", tower),
             (r"^model\.multi_modal_projector\.", "fusion", "projector maps image features into the LLM"),
             (r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
@@ -239,7 +238,7 @@ _LLAVA_LIKE = (
     _llava_like(
         "gemma3", ("gemma3",), ("Gemma3ForConditionalGeneration",), "SigLIP vision tower",
         extra_rules=[(r"^model\.multi_modal_projector\.mm_input_projection_weight$", "skip",
-                      "bare projection parameter (x @ W, [in, out]), not an nn.Linear: kept dense")],
+                      "bare projection parameter (x @ W), not an nn.Linear: kept dense")],
     ),
     _llava_like("paligemma", ("paligemma",), ("PaliGemmaForConditionalGeneration",), "SigLIP vision tower",
                 chat_template=PALIGEMMA_CHAT_TEMPLATE),
