@@ -168,7 +168,7 @@ def tiny(name: str, seed: int = 0):
         from transformers import InternVLProcessor
 
         config = AutoConfig.for_model(
-            "internvl", vision_config=dict(model_type="internvl_vision", **{k: v for k, v in VISION.items()}),
+            "internvl", vision_config=dict(model_type="internvl_vision", **VISION),
             text_config=dict(model_type="qwen2", **TEXT), image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4,
             **IDS)
         tokenizer = byte_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",

@@ -7,8 +7,10 @@ data looked up from a checkpoint's `config.json` (`model_type`,
 `architectures`, keys): modality rules, key renames, where a separate vision
 tower's weights go, dead-layer markers, which layers see prompt tokens, and
 the family a checkpoint is converted to in memory (the one converter lives in
-models/loading.py). A family like another is derived from it by
-`dataclasses.replace` (llava_next from llava). Adding a family is an entry here.
+models/loading.py), the prompt format of checkpoints without a chat template. A
+family like another is derived from it by `dataclasses.replace` (llava_next from
+llava); the LLaVA-like families of transformers 5.x share `_llava_like`. Adding a
+family is an entry here.
 
 Before any family rule, the never-prunable rules of docs/algorithm.md apply:
 embeddings and the output head are skipped whatever the family says (biases
