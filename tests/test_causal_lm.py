@@ -118,7 +118,7 @@ def test_family_lookup():
     assert family_for({"model_type": "gemma3_text"}).name == "causal-lm"
     assert family_for({"model_type": "llama", "architectures": ["LlavaLlamaForCausalLM"]}).name == "llava-original"
     assert family_for({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}).name == "llava"
-    assert family_for({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}) is None
+    assert family_for({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}).name == "gemma3"
     assert family_for({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}) is None
 
 

@@ -238,4 +238,5 @@ def _encode(processor: Any, batch: list[Sample] | list[TextWindow], include_answ
     if batch and isinstance(batch[0], TextWindow):
         return encode_windows(batch)
     prompts = [build_prompt(processor, s.question, s.answer if include_answers else None) for s in batch]
-    return processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True)
+    # one list of images per prompt: Gemma 3's processor reads a flat list as all of one prompt's images
+    return processor(images=[[s.image] for s in batch], text=prompts, return_tensors="pt", padding=True)

@@ -188,6 +188,7 @@ def collect_statistics(
     selects the layers whose inputs line up with the prompt's token positions.
     """
     modules = {}
+    direct = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name in layer_names:
         try:
             module = model.get_submodule(name)
@@ -195,6 +196,11 @@ def collect_statistics(
             raise MultiflowError(f"layer {name} is not a module of the loaded model") from None
         if not isinstance(module, nn.Linear):
             raise MultiflowError(f"layer {name} is a {type(module).__name__}, not nn.Linear")
+        if name.rpartition(".")[0] in direct:  # F.multi_head_attention_forward reads out_proj.weight itself
+            raise MultiflowError(
+                f"layer {name} is the output projection of an nn.MultiheadAttention, which reads its weight "
+                "directly: no hook sees its inputs, so they cannot be measured. Skip it with a rule of group "
+                "skip in --rules FILE, or prune without statistics (--method magnitude)")
         modules[name] = module
     aligned = {n for n in layer_names if aligned_pattern and re.search(aligned_pattern, n)}
     collector = Collector({n: m.in_features for n, m in modules.items()}, aligned, split_token_types)

@@ -7,8 +7,10 @@ data looked up from a checkpoint's `config.json` (`model_type`,
 `architectures`, keys): modality rules, key renames, where a separate vision
 tower's weights go, dead-layer markers, which layers see prompt tokens, and
 the family a checkpoint is converted to in memory (the one converter lives in
-models/loading.py). A family like another is derived from it by
-`dataclasses.replace` (llava_next from llava). Adding a family is an entry here.
+models/loading.py), the prompt format of checkpoints without a chat template. A
+family like another is derived from it by `dataclasses.replace` (llava_next from
+llava); the LLaVA-like families of transformers 5.x share `_llava_like`. Adding a
+family is an entry here.
 
 Before any family rule, the never-prunable rules of docs/algorithm.md apply:
 embeddings and the output head are skipped whatever the family says (biases
@@ -97,7 +99,8 @@ class Family:
     models/retrieval.py's RETRIEVAL_HEADS). `architecture_pattern` matches
     any `config.architectures` entry by regular expression (a catch-all family). `converted_to` names
     the family whose transformers model a checkpoint of this family becomes in memory to run (Step 2,
-    eval), `conversion_renames` mapping this family's module names to that model's.
+    eval), `conversion_renames` mapping this family's module names to that model's. `chat_template` is
+    the prompt format given to a processor that has no chat template of its own (models/prompts.py).
     """
 
     rules: ModalityRules
@@ -119,6 +122,7 @@ class Family:
     architecture_pattern: str | None = None
     converted_to: str | None = None  # run as this family's transformers model (a converter in models/loading.py)
     conversion_renames: tuple[tuple[str, str], ...] = ()  # this family's names -> the converted model's
+    chat_template: str | None = None  # prompt format (a chat template) for checkpoints that have none
 
     def vision_tower_name(self, key: str) -> str | None:
         """A separate vision tower folder's key (`--vision-tower`, a CLIP folder) as this family names it, or
@@ -206,6 +210,63 @@ _LLAVA = family(
     vision_layer_pattern=r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
 )
 
+
+def _llava_like(name: str, model_types: tuple[str, ...], architectures: tuple[str, ...], tower: str,
+                extra_rules: Iterable[tuple[str, ...]] = (), **fields: Any) -> Family:
+    """A LLaVA-like family of transformers 5.x: `model.vision_tower` -> vision, `model.multi_modal_projector`
+    and the decoder layers -> fusion, LLaVA's renames (4.x hub keys and 5.x saves), prompt-aligned decoder."""
+    return family(
+        name, VTF, [
+            *extra_rules,
+            (r"^model\.vision_tower\.head\.", "skip", "SigLIP pooling head: its output is never read"),
+            (r"^model\.vision_tower\.", "vision", tower),
+            (r"^model\.multi_modal_projector\.", "fusion", "projector maps image features into the LLM"),
+            (r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+        ],
+        model_types=model_types,
+        architectures=architectures,
+        renames=_LLAVA_RENAMES,
+        aligned_layers=r"^model\.language_model\.",
+        **fields,
+    )
+
+
+_SIGLIP_LAYERS = r"^model\.vision_tower\.encoder\.layers\.(\d+)\."
+
+# PaliGemma's checkpoints have no chat template: its processor puts the image tokens and BOS in front of
+# the prompt and ends it with "\n"; the answer follows (big_vision's prefix / suffix format).
+PALIGEMMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'user' %}{{ '\\n' }}{% endif %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}"
+)
+
+# transformers 5.x LLaVA-like families: one entry each (processors, image tokens and projectors differ; the
+# module names and every saved layout are LLaVA's). Hub checkpoints hold 4.x keys (`language_model.model.`,
+# `vision_tower.vision_model.` for SigLIP / `vision_tower.` for Pixtral and InternViT); 5.x save_pretrained
+# writes `language_model.model.`, `vision_tower.`, `multi_modal_projector.` again.
+_LLAVA_LIKE = (
+    # Gemma 3: SigLIP, average pooling, then a bare [vision, text] parameter (x @ W, no nn.Linear).
+    _llava_like(
+        "gemma3", ("gemma3",), ("Gemma3ForConditionalGeneration",), "SigLIP vision tower",
+        extra_rules=[(r"^model\.multi_modal_projector\.mm_input_projection_weight$", "skip",
+                      "bare projection parameter (x @ W), not an nn.Linear: kept dense")],
+    ),
+    _llava_like("paligemma", ("paligemma",), ("PaliGemmaForConditionalGeneration",), "SigLIP vision tower",
+                chat_template=PALIGEMMA_CHAT_TEMPLATE),
+    _llava_like("mistral3", ("mistral3",), ("Mistral3ForConditionalGeneration",),
+                "Pixtral vision tower (the patch merger is in the projector)",
+                feature_layer_key="vision_feature_layer",
+                vision_layer_pattern=r"^model\.vision_tower\.transformer\.layers\.(\d+)\."),
+    _llava_like("aya_vision", ("aya_vision",), ("AyaVisionForConditionalGeneration",), "SigLIP vision tower",
+                feature_layer_key="vision_feature_layer", vision_layer_pattern=_SIGLIP_LAYERS),
+    _llava_like("llava_onevision", ("llava_onevision",), ("LlavaOnevisionForConditionalGeneration",),
+                "SigLIP vision tower", feature_layer_key="vision_feature_layer", vision_layer_pattern=_SIGLIP_LAYERS),
+    _llava_like("internvl", ("internvl",), ("InternVLForConditionalGeneration",), "InternViT vision tower",
+                feature_layer_key="vision_feature_layer",
+                vision_layer_pattern=r"^model\.vision_tower\.encoder\.layer\.(\d+)\."),
+)
+
 FAMILIES: tuple[Family, ...] = (
     # The original LLaVA repository (haotian-liu/LLaVA): its own module names.
     family(
@@ -247,6 +308,7 @@ FAMILIES: tuple[Family, ...] = (
         renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
         aligned_layers=r"^model\.language_model\.",
     ),
+    *_LLAVA_LIKE,
     # BLIP's image-text retrieval model (the MULTIFLOW authors' BLIP grouping): before "blip", whose model_type it
     # shares. Cross-attention keys and values read the image tokens, not the caption's: not prompt-aligned.
     family(

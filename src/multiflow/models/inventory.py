@@ -115,6 +115,20 @@ def _classify(
     return layers, skipped
 
 
+def _bare_parameters(rules: ModalityRules, bare: list[tuple[str, int]]) -> tuple[list[tuple[str, int, Rule]], int]:
+    """2-D parameters that are not a linear layer's `.weight` (Gemma 3's `mm_input_projection_weight`,
+    nn.MultiheadAttention's `in_proj_weight`): those a family rule of group skip names are listed as skipped with
+    its reason (never pruned, and said so); the others stay uncounted parameters. Returns (listed, other numel)."""
+    listed, other = [], 0
+    for name, numel in bare:
+        rule = rules.classify(name)
+        if rule is not None and rule.group == "skip" and rule in rules.rules:
+            listed.append((name, numel, rule))
+        else:
+            other += numel
+    return listed, other
+
+
 def _role(name: str) -> str:
     """A module's role: its name with layer indices replaced (`layers.3.mlp.fc1` -> `layers.#.mlp.fc1`)."""
     return re.sub(r"\.\d+(?=\.|$)", ".#", name)
@@ -205,14 +219,19 @@ def from_checkpoint(
             "--vision-tower applies to original-layout LLaVA checkpoints (config with mm_vision_tower); "
             f"{folder} is a {naming} layout that carries its own vision tower"
         )
-    candidates, other = [], 0
+    candidates, bare, other = [], [], 0
     for name, entry in weighted:
         if entry.key.endswith(".weight") and len(entry.shape) == 2:
             candidates.append((name, entry.shape, entry.dtype, entry))
+        elif len(entry.shape) == 2:
+            bare.append((name, entry.numel))
         else:
             other += entry.numel
     _refuse_misshapen(ruleset, weighted, candidates)
     layers, skipped = _classify(ruleset, candidates)
+    listed, rest = _bare_parameters(ruleset, bare)
+    skipped += listed
+    other += rest
 
     def reader(wanted: list[Layer]) -> Iterator[tuple[Layer, torch.Tensor]]:
         by_entry = {id(layer.handle): layer for layer in wanted}
@@ -237,8 +256,13 @@ def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = Non
             weight = module.weight
             candidates.append((name, tuple(weight.shape), weight.dtype, weight))
             linear_params.add(id(weight))
+    bare = [(name, p.numel()) for name, p in model.named_parameters()
+            if p.ndim == 2 and id(p) not in linear_params and not name.endswith(".weight")]
     other = sum(p.numel() for p in model.parameters() if id(p) not in linear_params)
     layers, skipped = _classify(ruleset, candidates)
+    listed, _ = _bare_parameters(ruleset, bare)
+    skipped += listed
+    other -= sum(numel for _, numel, _ in listed)
 
     def reader(wanted: list[Layer]) -> Iterator[tuple[Layer, torch.Tensor]]:
         for layer in wanted:

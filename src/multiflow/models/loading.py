@@ -179,6 +179,9 @@ def load_model(
             f"{folder}: {exc}. Calibration and evaluation need the tokenizer{'' if text_only else ' and preprocessor'} "
             "files next to the weights"
         ) from exc
+    family = inventory.family
+    if not text_only and family is not None and family.chat_template and not getattr(processor, "chat_template", None):
+        processor.chat_template = family.chat_template  # the family's prompt format (families.py)
     try:
         if lazy:
             from accelerate import init_empty_weights

@@ -110,5 +110,7 @@ def build_report(config, inventory, plans, dist, calibration, digest) -> dict[st
                    "achieved_sparsity": pruned_all / n_all if n_all else 0.0},
         "modalities": totals,
         "layers": per_layer,
+        "skipped": [{"name": name, "params": numel, "why": rule.why or rule.pattern}
+                    for name, numel, rule in inventory.skipped],
         "notes": notes,
     }
