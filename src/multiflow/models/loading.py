@@ -151,8 +151,10 @@ def load_model(
     `lazy`: parameters stay on disk (meta device) and `LoadedModel.weights` says where;
     buffers are real. `device_map` ("auto"): whole model spread over the GPUs by accelerate.
     """
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                              AutoTokenizer)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    from multiflow.models.processors import load_processor
+    from multiflow.models.prompts import chat_template
 
     folder = Path(folder)
     if dtype not in DTYPES:
@@ -169,14 +171,17 @@ def load_model(
     text_only = inventory.family is not None and inventory.family.text_only  # a plain causal LM: a tokenizer
     auto_model = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
     try:
-        processor = (AutoTokenizer if text_only else AutoProcessor).from_pretrained(
-            folder, trust_remote_code=trust_remote_code)
+        processor = (AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code) if text_only
+                     else load_processor(folder, trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
         raise MultiflowError(
             f"cannot load a {'tokenizer' if text_only else 'processor (tokenizer + image processor)'} from "
             f"{folder}: {exc}. Calibration and evaluation need the tokenizer{'' if text_only else ' and preprocessor'} "
             "files next to the weights"
         ) from exc
+    family = inventory.family
+    if not text_only and family is not None and family.prompt and not getattr(processor, "chat_template", None):
+        processor.chat_template = chat_template(family.prompt)  # the family's prompt format (models/prompts.py)
     try:
         if lazy:
             from accelerate import init_empty_weights

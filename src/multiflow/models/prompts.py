@@ -1,4 +1,5 @@
-"""Prompts: the processor's chat template when it has one, else LLaVA-1.5's conversation format.
+"""Prompts: the processor's chat template when it has one, else the family's prompt (`Family.prompt`, set as
+the processor's chat template by `chat_template` when the model is loaded), else LLaVA-1.5's conversation format.
 
 Used by calibration (Step 2), evaluation, the on-the-fly conversion of original-layout LLaVA checkpoints
 (models/loading.py) and the demo model.
@@ -6,6 +7,7 @@ Used by calibration (Step 2), evaluation, the on-the-fly conversion of original-
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -17,6 +19,19 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% else %}ASSISTANT: {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
     "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def chat_template(prompt: str) -> str:
+    """A chat template that writes `prompt` with the user's text in place of `{question}`, and, when the
+    conversation holds an answer, a space and the answer after it (as `build_prompt`'s fallback does)."""
+    before, sep, after = prompt.partition("{question}")
+    if not sep or "{question}" in after:
+        raise ValueError(f"a family prompt needs one {{question}}: {prompt!r}")
+    text = "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    # literal parts as Jinja string expressions: the template engine's trim_blocks cannot eat their newlines
+    return ("{% for message in messages %}{% if message['role'] == 'user' %}"
+            f"{{{{ {json.dumps(before)} }}}}{text}{{{{ {json.dumps(after)} }}}}"
+            "{% else %}{{ ' ' }}" + text + "{% endif %}{% endfor %}")
 
 
 def build_prompt(processor: Any, question: str, answer: str | None) -> str:
