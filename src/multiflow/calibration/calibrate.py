@@ -207,4 +207,6 @@ def _encode(processor: Any, batch: list[Sample] | list[TextWindow], include_answ
     if batch and isinstance(batch[0], TextWindow):
         return encode_windows(batch)
     prompts = [build_prompt(processor, s.question, s.answer if include_answers else None) for s in batch]
-    return processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True)
+    # one image per prompt, as a list per sample (SmolVLM's and Mllama's processors read a flat list as the
+    # images of one prompt)
+    return processor(images=[[s.image] for s in batch], text=prompts, return_tensors="pt", padding=True)

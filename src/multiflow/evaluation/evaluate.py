@@ -140,7 +140,7 @@ def _generate(loaded, batch: list[Sample], max_new_tokens: int) -> list[str]:
     tokenizer.padding_side = "left"  # decoder-only generation pads on the left
     try:
         prompts = [build_prompt(processor, s.question, None) for s in batch]
-        inputs = processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True)
+        inputs = processor(images=[[s.image] for s in batch], text=prompts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
     inputs = inputs.to(loaded.device)
@@ -154,7 +154,7 @@ def _generate(loaded, batch: list[Sample], max_new_tokens: int) -> list[str]:
 def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
     """KL and top-1 agreement on the reference answer tokens (right-padded batch, one forward per model)."""
     processor = pruned.processor
-    images = [s.image for s in batch]
+    images = [[s.image] for s in batch]  # a list per prompt (calibrate._encode)
     side = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = "right"
     try:

@@ -11,6 +11,7 @@ Original-layout LLaVA is converted to the transformers model either way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -243,6 +244,11 @@ def _lazy_source(folder: Path, inventory: Inventory, model: torch.nn.Module, all
             raise MultiflowError(f"{entry.file}: block-by-block loading reads safetensors only; convert the "
                                  "checkpoint to safetensors or pass --whole-model")
         entries[module_name(entry.key, inventory.renames)] = entry
+    # Tied weights (an output head tied to the embeddings) are not in the checkpoint, and a model built on the
+    # meta device is not tied yet: read each from its source's tensor (a copy of the entry: one per parameter).
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target not in entries and source in entries:
+            entries[target] = dataclasses.replace(entries[source])
     needed = base_parameters(model)
     missing = [n for n in needed if n not in entries]
     if missing:

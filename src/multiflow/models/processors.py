@@ -55,27 +55,56 @@ def load_processor(folder: Path, trust_remote_code: bool = False) -> Any:
     """AutoProcessor's processor of `folder`; without torchvision, the same processor without its video
     processor (images and text only); a missing optional package is a one-line MultiflowError."""
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
-    try:
-        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ImportError as exc:
-        if missing_package(exc) != "torchvision":
-            raise missing_package_error(exc, folder) from None
+    load = AutoProcessor.from_pretrained
+    if not is_torchvision_available():
         processor_class = _processor_class(folder)
-        if processor_class is None or not any("video" in a for a in processor_class.get_attributes()):
-            raise missing_package_error(exc, folder) from None
+        if processor_class is not None and any("video" in a for a in processor_class.get_attributes()):
+            try:
+                load = without_videos(processor_class).from_pretrained
+            except ValueError:
+                pass  # AutoProcessor's own error names the missing package
     try:
-        return without_videos(processor_class).from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return load(folder, trust_remote_code=trust_remote_code)
     except ImportError as exc:
         raise missing_package_error(exc, folder) from None
 
 
+class NoVideoProcessor:
+    """Stands where a processor keeps its video processor when torchvision is missing: the video settings that
+    its image-and-text code reads (SmolVLM's chat template reads the frame count and rate) are unset, and a
+    video is refused."""
+
+    num_frames = None
+    fps = None
+
+    def __call__(self, *args, **kwargs):
+        raise MultiflowError(f"videos need the Python package torchvision, which is not installed: "
+                             f"{INSTALL['torchvision']}")
+
+
 def without_videos(processor_class: type) -> type:
-    """`processor_class` with its video processor left out: it is neither loaded nor checked (its __init__
-    receives None for it), so a processor of images and text is built without torchvision."""
-    attributes = [a for a in processor_class.get_attributes() if "video" not in a]
+    """`processor_class` with its video processor left out: neither loaded nor checked (its __init__ gets None
+    for it), so a processor of images and text is built without torchvision; `from_pretrained` puts a
+    `NoVideoProcessor` in its place. The video processors of transformers' processors come after their other
+    parts, as this needs."""
+    every = processor_class.get_attributes()
+    kept = [a for a in every if "video" not in a]
+    left_out = [a for a in every if "video" in a]
+    if every[: len(kept)] != kept:
+        raise ValueError(f"{processor_class.__name__}: its video processor is not its last part")
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        made = super(cls, cls).from_args_and_dict([*args, *[None] * len(left_out)], processor_dict, **kwargs)
+        for attribute in left_out:
+            setattr(made[0] if isinstance(made, tuple) else made, attribute, NoVideoProcessor())
+        return made
+
     return type(processor_class.__name__, (processor_class,), {
-        "get_attributes": classmethod(lambda cls: list(attributes)),
+        "from_args_and_dict": from_args_and_dict,
+        "get_attributes": classmethod(lambda cls: list(kept)),
         "__module__": processor_class.__module__,
         "__doc__": f"{processor_class.__name__} without its video processor (torchvision is not installed).",
     })

@@ -1,0 +1,264 @@
+"""More VLM families end to end: Qwen3-VL, Idefics3, SmolVLM, Mllama (Llama 3.2 Vision) and BLIP-2 (OPT).
+
+Each is a tiny model built from its transformers config (2 layers, hidden 32) saved with a processor built
+offline (a character-level tokenizer holding the family's special tokens, the PIL image processor, no chat
+template: the family's prompt is used), then: Step 1 on the folder and on the module, calibration block by
+block and whole-model, pruning, reloading with AutoModelForImageTextToText, eval against the dense model.
+Also: processors without torchvision (their video processor left out) and a missing optional package as one
+line, and the key layouts of real checkpoints (tests/fixtures/layouts) grouped by the presets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import multiflow
+from multiflow.errors import MultiflowError
+from multiflow.models import inventory as layers
+from multiflow.models.families import family_by_name, family_for
+from multiflow.models.prompts import build_prompt
+
+FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
+FAMILIES = ["qwen3_vl", "idefics3", "smolvlm", "mllama", "blip-2"]
+
+
+def char_tokenizer(specials: list[str]):
+    """Printable ASCII, one token per character, plus `specials` as whole tokens (ids in that order)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for ch in sorted(set(string.printable) - set("\x0b\x0c\r")):
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    return tokenizer
+
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+
+
+def _qwen3_vl():
+    import transformers as tf
+    from multiflow.models.processors import without_videos
+
+    tok = char_tokenizer(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
+                          "<|im_end|>"])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                     "<|vision_end|>")}
+    config = tf.Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        text_config=dict(TEXT, vocab_size=len(tok), head_dim=16, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    images = tf.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                         size={"shortest_edge": 16 * 16, "longest_edge": 16 * 16})
+    processor = without_videos(tf.Qwen3VLProcessor)(image_processor=images, tokenizer=tok, video_processor=None)
+    return tf.Qwen3VLForConditionalGeneration(config), processor
+
+
+def _idefics3(kind: str):
+    import transformers as tf
+    from multiflow.models.processors import without_videos
+
+    tok = char_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                          "<|im_start|>"])
+    config_class, model_class, processor_class = (
+        (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration, tf.Idefics3Processor) if kind == "idefics3" else
+        (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration, without_videos(tf.SmolVLMProcessor)))
+    config = config_class(vision_config=dict(VISION, image_size=16, patch_size=4),
+                          text_config=dict(TEXT, model_type="llama", vocab_size=len(tok), pad_token_id=0),
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    image_class = tf.Idefics3ImageProcessorPil if kind == "idefics3" else tf.SmolVLMImageProcessorPil
+    images = image_class(do_image_splitting=False, size={"longest_edge": 16}, max_image_size={"longest_edge": 16})
+    videos = {} if kind == "idefics3" else {"video_processor": None}  # SmolVLM's needs torchvision
+    processor = processor_class(image_processor=images, tokenizer=tok, image_seq_len=4, **videos)  # (16/4)^2/2^2
+    return model_class(config), processor
+
+
+def _mllama():
+    import transformers as tf
+
+    tok = char_tokenizer(["<|image|>", "<|python_tag|>"])
+    config = tf.MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, vision_output_dim=64, image_size=16, patch_size=4, max_num_tiles=2,
+                           intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
+        text_config=dict(TEXT, vocab_size=len(tok), cross_attention_layers=[1], bos_token_id=2, eos_token_id=3,
+                         pad_token_id=0),
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"))
+    images = tf.MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=2)
+    return tf.MllamaForConditionalGeneration(config), tf.MllamaProcessor(image_processor=images, tokenizer=tok)
+
+
+def _blip2():
+    import transformers as tf
+
+    tok = char_tokenizer(["<image>"])
+    config = tf.Blip2Config(
+        vision_config=dict(VISION, image_size=16, patch_size=4),
+        qformer_config=dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, encoder_hidden_size=32, cross_attention_frequency=1),
+        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    images = tf.BlipImageProcessorPil(size={"height": 16, "width": 16})
+    return tf.Blip2ForConditionalGeneration(config), tf.Blip2Processor(image_processor=images, tokenizer=tok,
+                                                                        num_query_tokens=4)
+
+
+BUILDERS = {"qwen3_vl": _qwen3_vl, "idefics3": lambda: _idefics3("idefics3"), "smolvlm": lambda: _idefics3("smolvlm"),
+            "mllama": _mllama, "blip-2": _blip2}
+
+
+def tiny(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model, processor = BUILDERS[name]()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # per-tensor scales so layer sparsities differ
+        for p in model.parameters():
+            p.mul_(float(torch.empty(1).uniform_(0.3, 3.0, generator=g)))
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(request, tmp_path_factory):
+    """(family name, folder, model, processor): a tiny model of the family saved by transformers 5 with its
+    processor files (and a video processor config, as hub folders have, that multiflow does not need)."""
+    model, processor = tiny(request.param)
+    folder = tmp_path_factory.mktemp(request.param) / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return request.param, folder, model, processor
+
+
+def keys_of(folder: Path) -> list[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+# --- Step 1: presets and layouts ------------------------------------------------------------------
+
+EXPECTED = {  # a module of each kind -> its group
+    "qwen3_vl": {"model.visual.blocks.0.attn.qkv": "vision", "model.visual.blocks.1.mlp.linear_fc2": "vision",
+                 "model.visual.merger.linear_fc1": "fusion", "model.visual.deepstack_merger_list.0.linear_fc2": "fusion",
+                 "model.language_model.layers.0.self_attn.q_proj": "fusion",
+                 "model.language_model.layers.1.mlp.down_proj": "fusion"},
+    "idefics3": {"model.vision_model.encoder.layers.0.self_attn.q_proj": "vision",
+                 "model.vision_model.encoder.layers.1.mlp.fc2": "vision",
+                 "model.connector.modality_projection.proj": "fusion",
+                 "model.text_model.layers.1.self_attn.o_proj": "fusion"},
+    "mllama": {"model.vision_model.transformer.layers.0.self_attn.q_proj": "vision",
+               "model.vision_model.global_transformer.layers.0.mlp.fc1": "vision",
+               "model.multi_modal_projector": "fusion",
+               "model.language_model.layers.1.cross_attn.k_proj": "fusion",
+               "model.language_model.layers.0.mlp.gate_proj": "fusion"},
+    "blip-2": {"vision_model.encoder.layers.0.self_attn.qkv": "vision",
+               "qformer.encoder.layer.0.crossattention.attention.key": "fusion",
+               "qformer.encoder.layer.1.output_query.dense": "fusion", "language_projection": "fusion",
+               "language_model.model.decoder.layers.0.fc1": "fusion"},
+}
+EXPECTED["smolvlm"] = EXPECTED["idefics3"]
+
+
+def test_step1_on_the_folder_equals_the_module(saved):
+    name, folder, model, _ = saved
+    inv = layers.from_checkpoint(folder)
+    assert inv.family.name == name and inv.rules.modalities == ("vision", "text", "fusion")
+    groups = {layer.name: layer.modality for layer in inv.layers}
+    for module, group in EXPECTED[name].items():
+        assert groups[module] == group, module
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(groups) == {n for n in linears if not n.endswith("lm_head")}  # every linear but the head
+    assert inv.dead_layers() == []  # the last vision layer feeds the model in all five
+    in_memory = multiflow.compute_distribution(model, 0.5)
+    assert multiflow.compute_distribution(folder, 0.5).layers == in_memory.layers
+    assert {s.modality for s in in_memory.layers.values()} == {"vision", "fusion"}
+
+
+def test_every_layout_gives_the_same_module_names(saved, tmp_path):
+    """5.x save_pretrained names, in-memory names and (mllama) the 4.x hub names all land on the same modules."""
+    from conftest import write_checkpoint
+
+    name, folder, model, _ = saved
+    reference = [(l.name, l.modality) for l in layers.from_checkpoint(folder).layers]
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    layouts = {"inmemory": sd}
+    if name == "mllama":  # 4.x hub names == 5.24 save names; the in-memory ones differ
+        assert any(k.startswith("language_model.model.layers.") for k in keys_of(folder))
+    if name in ("idefics3", "smolvlm"):  # a bare Idefics3Model / SmolVLMModel saved on its own
+        layouts["base"] = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
+    for layout, tensors in layouts.items():
+        other = write_checkpoint(tmp_path / layout, tensors, model.config.to_dict())
+        assert [(l.name, l.modality) for l in layers.from_checkpoint(other).layers] == reference, layout
+
+
+# --- Steps 2 and 3, reload, eval ----------------------------------------------------------------------
+
+def test_prompt_without_chat_template_is_the_familys(saved):
+    from multiflow.models.loading import load_model
+
+    name, folder, _, processor = saved
+    loaded = load_model(folder, layers.from_checkpoint(folder))
+    prompt = build_prompt(loaded.processor, "What?", None)
+    assert prompt == family_by_name(name).prompt.format(question="What?")
+    assert build_prompt(loaded.processor, "What?", "a cat") == prompt + " a cat"
+
+
+def test_end_to_end(saved, jsonl, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from multiflow.evaluation.evaluate import EvalConfig, evaluate
+    from multiflow.storage.stats_file import load_stats
+
+    name, folder, model, _ = saved
+    blocks, whole = tmp_path / "blocks.safetensors", tmp_path / "whole.safetensors"
+    multiflow.calibrate(folder, blocks, data=jsonl, nsamples=3, batch_size=2, split_token_types=True)
+    multiflow.calibrate(folder, whole, data=jsonl, nsamples=3, batch_size=2, split_token_types=True,
+                        whole_model=True)
+    by_block, meta = load_stats(blocks)[:2]
+    by_model = load_stats(whole)[0]
+    assert meta["execution"].startswith("block by block") and set(by_block) == set(by_model)
+    inv = layers.from_checkpoint(folder)
+    assert set(by_block) == {layer.name for layer in inv.layers}
+    family = family_by_name(name)
+    for layer, st in by_block.items():
+        other = by_model[layer]
+        assert st.tokens == other.tokens and st.tokens > 0, layer
+        torch.testing.assert_close(st.sq_mean, other.sq_mean, rtol=1e-4, atol=1e-6)
+        if re.search(family.aligned_layers, layer):  # prompt-aligned: image and text tokens told apart
+            image, text = st.by_type["image"][1], st.by_type["text"][1]
+            assert image > 0 and text > 0 and image + text == st.tokens, layer
+
+    report = multiflow.prune(folder, tmp_path / "pruned", 0.5, stats=blocks)
+    pruned = AutoModelForImageTextToText.from_pretrained(tmp_path / "pruned").eval()
+    assert type(pruned) is type(model)
+    dense, sparse = model.state_dict(), pruned.state_dict()
+    for layer, info in report["layers"].items():
+        weight = sparse[layer + ".weight"]
+        assert int((weight == 0).sum()) == info["pruned"] > 0, layer
+        kept = weight != 0
+        assert torch.equal(weight[kept], dense[layer + ".weight"][kept]), layer
+    untouched = [k for k in dense if k.removesuffix(".weight") not in report["layers"]]
+    assert all(torch.equal(dense[k], sparse[k]) for k in untouched)
+
+    result = evaluate(EvalConfig(model=tmp_path / "pruned", data=jsonl, nsamples=2, batch_size=2, max_new_tokens=2,
+                                 reference=folder), progress=False)
+    assert result["count"] == 2 and all(isinstance(x["prediction"], str) for x in result["items"])
+    assert all(x["answer_tokens"] > 0 for x in result["items"]) and result["kl"] > 0
