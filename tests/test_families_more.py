@@ -262,3 +262,38 @@ def test_end_to_end(saved, jsonl, tmp_path):
                                  reference=folder), progress=False)
     assert result["count"] == 2 and all(isinstance(x["prediction"], str) for x in result["items"])
     assert all(x["answer_tokens"] > 0 for x in result["items"]) and result["kl"] > 0
+
+
+# --- real checkpoints' key layouts --------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture,expected_family", [("qwen2_5_vl_7b", "qwen2_vl"), ("smolvlm_256m", "smolvlm")])
+def test_real_layout_keys_land_on_the_model_built_from_its_config(fixture, expected_family):
+    """Each recorded key of the public checkpoint, renamed by the preset, is a parameter of the transformers 5
+    model built from the checkpoint's config (on the meta device) with the recorded shape, and its group is
+    the one expected."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from multiflow.models.inventory import module_name
+
+    data = json.loads((FIXTURES / f"{fixture}.json").read_text())
+    assert data["source"] and data["model"]
+    family = family_for(data["config"])
+    assert family is not None and family.name == expected_family
+    config = dict(data["config"])
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config)
+    params = dict(model.named_parameters())
+    for key, shape in data["tensors"].items():
+        name = module_name(key, family.renames)
+        assert name in params and list(params[name].shape) == shape, (key, name)
+        stem = key.removesuffix(".weight")
+        if key.endswith(".weight"):
+            assert module_name(stem, family.renames) + ".weight" == name, key  # headers are renamed without it
+        if key.endswith(".weight") and len(shape) == 2:
+            rule = family.rules.classify(module_name(stem, family.renames))
+            assert rule is not None, key  # every linear weight has a group
+            if key in data["groups"]:
+                assert rule.group == data["groups"][key], key
+    assert set(data["groups"]) <= set(data["tensors"])
