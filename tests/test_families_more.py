@@ -137,14 +137,26 @@ def tiny(name: str, seed: int = 0):
     return model.eval(), processor
 
 
+VIDEO_PROCESSORS = {"qwen3_vl": "Qwen3VLVideoProcessor", "smolvlm": "SmolVLMVideoProcessor"}
+
+
+def save(name: str, model, processor, folder: Path) -> Path:
+    """The model and its processor files; with the video processor's config the hub folders have (a processor
+    built here without torchvision cannot write it)."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if name in VIDEO_PROCESSORS:
+        (folder / "video_preprocessor_config.json").write_text(json.dumps({
+            "video_processor_type": VIDEO_PROCESSORS[name], "processor_class": type(processor).__name__}))
+    return folder
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def saved(request, tmp_path_factory):
     """(family name, folder, model, processor): a tiny model of the family saved by transformers 5 with its
     processor files (and a video processor config, as hub folders have, that multiflow does not need)."""
     model, processor = tiny(request.param)
-    folder = tmp_path_factory.mktemp(request.param) / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = save(request.param, model, processor, tmp_path_factory.mktemp(request.param) / "model")
     return request.param, folder, model, processor
 
 
@@ -262,6 +274,72 @@ def test_end_to_end(saved, jsonl, tmp_path):
                                  reference=folder), progress=False)
     assert result["count"] == 2 and all(isinstance(x["prediction"], str) for x in result["items"])
     assert all(x["answer_tokens"] > 0 for x in result["items"]) and result["kl"] > 0
+
+
+# --- processors without optional packages ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Saved tiny models of two families whose processors want optional packages (Qwen3-VL: torchvision for
+    its video processor; SmolVLM: torchvision and num2words)."""
+    out = {}
+    for name in ("qwen3_vl", "smolvlm"):
+        out[name] = save(name, *tiny(name), tmp_path_factory.mktemp(name) / "model")
+    return out
+
+
+def test_processor_without_torchvision_leaves_out_its_video_processor(folders, monkeypatch):
+    import importlib.util
+
+    import transformers.utils
+    from transformers import AutoProcessor
+
+    from multiflow.models.processors import NoVideoProcessor, load_processor
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: False)  # as here, wherever run
+    if importlib.util.find_spec("torchvision") is None:  # what users without torchvision met before
+        with pytest.raises(ImportError, match="Torchvision"):
+            AutoProcessor.from_pretrained(folders["qwen3_vl"])
+    for name, folder in folders.items():
+        processor = load_processor(folder)
+        assert type(processor).__name__ == {"qwen3_vl": "Qwen3VLProcessor", "smolvlm": "SmolVLMProcessor"}[name]
+        assert isinstance(processor.video_processor, NoVideoProcessor)
+        with pytest.raises(MultiflowError, match="torchvision.*pip install torchvision"):
+            processor.video_processor(videos=[])
+        if importlib.util.find_spec("torchvision") is None:
+            assert type(processor.image_processor).__name__.endswith("Pil")  # transformers' PIL/numpy one
+    assert load_processor(folders["smolvlm"]).image_seq_len == 4  # the folder's settings are kept
+
+
+def test_a_missing_optional_package_is_one_line(folders, jsonl, tmp_path, monkeypatch, capsys):
+    import transformers
+    import transformers.models.smolvlm.processing_smolvlm as smolvlm
+    from transformers.utils.import_utils import TORCHVISION_IMPORT_ERROR
+
+    from multiflow.cli import main
+    from multiflow.models.processors import load_processor, missing_package
+
+    monkeypatch.setattr(smolvlm, "num2words", None)  # as if num2words were not installed
+    with pytest.raises(MultiflowError, match=r"needs the Python package num2words.*: pip install num2words$") as err:
+        load_processor(folders["smolvlm"])
+    assert "\n" not in str(err.value) and str(folders["smolvlm"]) in str(err.value)
+    assert main(["calibrate", "--model", str(folders["smolvlm"]), "--data", str(jsonl), "--nsamples", "1",
+                 "--output", str(tmp_path / "s.safetensors")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "pip install num2words" in lines[0] and "Traceback" not in lines[0]
+    assert not (tmp_path / "s.safetensors").exists()
+
+    def needs_torchvision(*args, **kwargs):  # a processor that has no way around torchvision
+        raise ImportError(TORCHVISION_IMPORT_ERROR.format("SomeProcessor"))
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    with pytest.raises(MultiflowError, match=r"needs the Python package torchvision, which is not installed: "
+                                             r"pip install torchvision") as err:
+        load_processor(folders["qwen3_vl"])
+    assert "\n" not in str(err.value)
+    assert missing_package(ModuleNotFoundError("No module named 'timm.layers'", name="timm.layers")) == "timm"
+    assert missing_package(ImportError("something else broke")) is None
 
 
 # --- real checkpoints' key layouts --------------------------------------------------------------------
