@@ -26,7 +26,7 @@ from multiflow.models.families import family_by_name, family_for
 from multiflow.models.prompts import build_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
-FAMILIES = ["qwen3_vl", "idefics3", "smolvlm", "mllama", "blip-2"]
+FAMILIES = ["qwen3_vl", "idefics3", "smolvlm", "mllama", "blip-2", "blip-2-t5"]  # BLIP-2 with OPT, Flan-T5
 
 
 def char_tokenizer(specials: list[str]):
@@ -106,17 +106,18 @@ def _mllama():
     return tf.MllamaForConditionalGeneration(config), tf.MllamaProcessor(image_processor=images, tokenizer=tok)
 
 
-def _blip2():
+def _blip2(lm: str = "opt"):
     import transformers as tf
 
     tok = char_tokenizer(["<image>"])
+    text = (dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                 word_embed_proj_dim=32, bos_token_id=2) if lm == "opt" else
+            dict(model_type="t5", d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0))
     config = tf.Blip2Config(
         vision_config=dict(VISION, image_size=16, patch_size=4),
         qformer_config=dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=64, encoder_hidden_size=32, cross_attention_frequency=1),
-        text_config=dict(model_type="opt", vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3),
+        text_config=dict(text, vocab_size=len(tok), pad_token_id=0, eos_token_id=3),
         num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
     images = tf.BlipImageProcessorPil(size={"height": 16, "width": 16})
     return tf.Blip2ForConditionalGeneration(config), tf.Blip2Processor(image_processor=images, tokenizer=tok,
@@ -124,7 +125,8 @@ def _blip2():
 
 
 BUILDERS = {"qwen3_vl": _qwen3_vl, "idefics3": lambda: _idefics3("idefics3"), "smolvlm": lambda: _idefics3("smolvlm"),
-            "mllama": _mllama, "blip-2": _blip2}
+            "mllama": _mllama, "blip-2": _blip2, "blip-2-t5": lambda: _blip2("t5")}
+FAMILY = {name: name for name in BUILDERS} | {"blip-2-t5": "blip-2"}  # test model -> its family
 
 
 def tiny(name: str, seed: int = 0):
@@ -187,17 +189,23 @@ EXPECTED = {  # a module of each kind -> its group
                "language_model.model.decoder.layers.0.fc1": "fusion"},
 }
 EXPECTED["smolvlm"] = EXPECTED["idefics3"]
+EXPECTED["blip-2-t5"] = {"qformer.encoder.layer.0.attention.attention.query": "fusion",
+                         "language_model.encoder.block.0.layer.0.SelfAttention.q": "fusion",
+                         "language_model.decoder.block.1.layer.1.EncDecAttention.k": "fusion",
+                         "language_model.decoder.block.1.layer.2.DenseReluDense.wo": "fusion"}
 
 
 def test_step1_on_the_folder_equals_the_module(saved):
     name, folder, model, _ = saved
     inv = layers.from_checkpoint(folder)
-    assert inv.family.name == name and inv.rules.modalities == ("vision", "text", "fusion")
+    assert inv.family.name == FAMILY[name] and inv.rules.modalities == ("vision", "text", "fusion")
     groups = {layer.name: layer.modality for layer in inv.layers}
     for module, group in EXPECTED[name].items():
         assert groups[module] == group, module
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(groups) == {n for n in linears if not n.endswith("lm_head")}  # every linear but the head
+    if name == "blip-2":  # OPT's head is tied to its embeddings: not in the checkpoint (block loading reads it)
+        assert "language_model.lm_head.weight" not in keys_of(folder)
     assert inv.dead_layers() == []  # the last vision layer feeds the model in all five
     in_memory = multiflow.compute_distribution(model, 0.5)
     assert multiflow.compute_distribution(folder, 0.5).layers == in_memory.layers
@@ -223,14 +231,25 @@ def test_every_layout_gives_the_same_module_names(saved, tmp_path):
 
 # --- Steps 2 and 3, reload, eval ----------------------------------------------------------------------
 
+# 2x2 merged 4x4 patches (Qwen3-VL), 4x4 patches pixel-shuffled by 2 (Idefics3, SmolVLM), one <|image|> per image
+# (Mllama: cross-attention), the query tokens (BLIP-2)
+IMAGE_TOKENS = {"qwen3_vl": 4, "idefics3": 4, "smolvlm": 4, "mllama": 1, "blip-2": 4, "blip-2-t5": 4}
+
+
 def test_prompt_without_chat_template_is_the_familys(saved):
     from multiflow.models.loading import load_model
 
     name, folder, _, processor = saved
     loaded = load_model(folder, layers.from_checkpoint(folder))
     prompt = build_prompt(loaded.processor, "What?", None)
-    assert prompt == family_by_name(name).prompt.format(question="What?")
+    assert prompt == family_by_name(FAMILY[name]).prompt.format(question="What?")
     assert build_prompt(loaded.processor, "What?", "a cat") == prompt + " a cat"
+    # the image tokens the model replaces by image features: as many as the features of one 16x16 image
+    from PIL import Image
+
+    inputs = loaded.processor(images=[[Image.new("RGB", (16, 16), (9, 99, 199))]], text=[prompt], return_tensors="pt")
+    image_tokens = int((inputs["input_ids"] == loaded.image_token_id).sum())
+    assert image_tokens == IMAGE_TOKENS[name]
 
 
 def test_end_to_end(saved, jsonl, tmp_path):
@@ -249,7 +268,7 @@ def test_end_to_end(saved, jsonl, tmp_path):
     assert meta["execution"].startswith("block by block") and set(by_block) == set(by_model)
     inv = layers.from_checkpoint(folder)
     assert set(by_block) == {layer.name for layer in inv.layers}
-    family = family_by_name(name)
+    family = family_by_name(FAMILY[name])
     for layer, st in by_block.items():
         other = by_model[layer]
         assert st.tokens == other.tokens and st.tokens > 0, layer
@@ -274,6 +293,7 @@ def test_end_to_end(saved, jsonl, tmp_path):
                                  reference=folder), progress=False)
     assert result["count"] == 2 and all(isinstance(x["prediction"], str) for x in result["items"])
     assert all(x["answer_tokens"] > 0 for x in result["items"]) and result["kl"] > 0
+    assert all(x["prediction"] for x in result["items"])  # generated tokens, not the prompt's tail
 
 
 # --- processors without optional packages ---------------------------------------------------------------

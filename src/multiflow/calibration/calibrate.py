@@ -114,7 +114,7 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
             _whole_model(loaded, batches, collector, config, progress)
             execution = "whole model"
         else:
-            encoded = [_encode(loaded.processor, b, config.include_answers).to(loaded.device) for b in batches]
+            encoded = [_inputs(loaded, b, config.include_answers) for b in batches]
             on_block = None if masker is None else _pruning_step(loaded, collector, set(names), masker)
             if pruner is not None:
                 on_block = attached.enter_context(pruner.attach(loaded, collector, names))
@@ -170,7 +170,7 @@ def _whole_model(loaded, batches: list[list[Sample]], collector, config: Calibra
     bar = tqdm(total=sum(len(b) for b in batches), unit="sample", desc="Step 2: calibration", disable=not progress)
     with bar:
         for batch in batches:
-            inputs = _encode(loaded.processor, batch, config.include_answers).to(loaded.device)
+            inputs = _inputs(loaded, batch, config.include_answers)
             with collector.batch(inputs["attention_mask"], image_positions(loaded, inputs)), torch.inference_mode():
                 loaded.model(**inputs, use_cache=False)
             bar.update(len(batch))
@@ -201,6 +201,19 @@ def _aligned_pattern(family, loaded) -> str | None:
     if family is not None and family.converted_to is not None:
         return family_by_name(family.converted_to).aligned_layers
     return family.aligned_layers if family else None
+
+
+def _inputs(loaded, batch: list[Sample] | list[TextWindow], include_answers: bool):
+    """A batch encoded for the loaded model, on its device. An encoder-decoder language model (BLIP-2's
+    Flan-T5) reads the prompt with its encoder; its decoder runs on the start token alone."""
+    from multiflow.models.loading import is_encoder_decoder
+
+    inputs = _encode(loaded.processor, batch, include_answers)
+    if is_encoder_decoder(loaded.model) and "decoder_input_ids" not in inputs:
+        text = loaded.model.config.get_text_config()
+        start = text.decoder_start_token_id if text.decoder_start_token_id is not None else text.pad_token_id
+        inputs["decoder_input_ids"] = torch.full((inputs["input_ids"].shape[0], 1), start, dtype=torch.long)
+    return inputs.to(loaded.device)
 
 
 def _encode(processor: Any, batch: list[Sample] | list[TextWindow], include_answers: bool):

@@ -28,6 +28,7 @@ from multiflow.calibration.data import Sample, load_samples
 from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
 from multiflow.evaluation.reference import check_reference, kl_and_agreement, reference_warnings
+from multiflow.models.loading import is_encoder_decoder
 from multiflow.models.prompts import build_prompt
 
 
@@ -147,12 +148,14 @@ def _generate(loaded, batch: list[Sample], max_new_tokens: int) -> list[str]:
     with torch.inference_mode():
         out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    new = out if is_encoder_decoder(loaded.model) else out[:, inputs["input_ids"].shape[1]:]  # T5: answer only
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
     """KL and top-1 agreement on the reference answer tokens (right-padded batch, one forward per model)."""
+    if is_encoder_decoder(pruned.model):
+        return _teacher_forced_seq2seq(pruned, dense, batch)
     processor = pruned.processor
     images = [[s.image] for s in batch]  # a list per prompt (calibrate._encode)
     side = processor.tokenizer.padding_side
@@ -180,4 +183,26 @@ def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
         if not math.isfinite(float(kl.sum())):
             raise MultiflowError(f"KL is not finite on {sample.source}: the pruned model's logits overflowed")
         out.append({"answer_tokens": int(kl.numel()), "kl_sum": float(kl.sum()), "agree_sum": int(agree.sum())})
+    return out
+
+
+def _teacher_forced_seq2seq(pruned, dense, batch: list[Sample]) -> list[dict]:
+    """`_teacher_forced` for an encoder-decoder language model: the prompt is the encoder's input and the
+    reference answer the decoder's labels (fed in shifted by the model), so every label position counts."""
+    processor = pruned.processor
+    prompts = processor(images=[[s.image] for s in batch], text=[build_prompt(processor, s.question, None)
+                                                                for s in batch], return_tensors="pt", padding=True)
+    answers = processor.tokenizer([s.answer for s in batch], return_tensors="pt", padding=True)
+    labels = answers["input_ids"].masked_fill(answers["attention_mask"] == 0, -100)
+    logits = []
+    for model in (dense, pruned):
+        with torch.inference_mode():
+            logits.append(model.model(**prompts.to(model.device), labels=labels.to(model.device)).logits.float().cpu())
+    out = []
+    for i, sample in enumerate(batch):
+        n = int(answers["attention_mask"][i].sum())
+        kl, agree = kl_and_agreement(logits[0][i, :n], logits[1][i, :n])
+        if not math.isfinite(float(kl.sum())):
+            raise MultiflowError(f"KL is not finite on {sample.source}: the pruned model's logits overflowed")
+        out.append({"answer_tokens": n, "kl_sum": float(kl.sum()), "agree_sum": int(agree.sum())})
     return out

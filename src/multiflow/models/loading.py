@@ -257,6 +257,12 @@ def _lazy_source(folder: Path, inventory: Inventory, model: torch.nn.Module, all
     return WeightSource({n: entries[n] for n in needed})
 
 
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Is the model's language model an encoder-decoder (BLIP-2's Flan-T5)? It reads the prompt with its
+    encoder and produces the answer with its decoder."""
+    return bool(getattr(model.config.get_text_config(), "is_encoder_decoder", False))
+
+
 def base_parameters(model: torch.nn.Module) -> list[str]:
     """Full names of the parameters of the model's base (without its output head)."""
     base = model.base_model
