@@ -332,6 +332,8 @@ def test_processor_without_torchvision_leaves_out_its_video_processor(folders, m
 
 
 def test_a_missing_optional_package_is_one_line(folders, jsonl, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
     import transformers
     import transformers.models.smolvlm.processing_smolvlm as smolvlm
     from transformers.utils.import_utils import TORCHVISION_IMPORT_ERROR
@@ -358,6 +360,13 @@ def test_a_missing_optional_package_is_one_line(folders, jsonl, tmp_path, monkey
                                              r"pip install torchvision") as err:
         load_processor(folders["qwen3_vl"])
     assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    if importlib.util.find_spec("torchvision") is None:  # Pixtral's processor has no way around torchvision
+        pixtral = tmp_path / "pixtral"
+        pixtral.mkdir()
+        (pixtral / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+        with pytest.raises(MultiflowError, match=r"needs the Python package torchvision, which is not installed"):
+            load_processor(pixtral)
     assert missing_package(ModuleNotFoundError("No module named 'timm.layers'", name="timm.layers")) == "timm"
     assert missing_package(ImportError("something else broke")) is None
 

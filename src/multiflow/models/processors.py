@@ -57,15 +57,15 @@ def load_processor(folder: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    load = AutoProcessor.from_pretrained
-    if not is_torchvision_available():
-        processor_class = _processor_class(folder)
-        if processor_class is not None and any("video" in a for a in processor_class.get_attributes()):
-            try:
-                load = without_videos(processor_class).from_pretrained
-            except ValueError:
-                pass  # AutoProcessor's own error names the missing package
     try:
+        load = AutoProcessor.from_pretrained
+        if not is_torchvision_available():
+            processor_class = _processor_class(folder)  # transformers' stand-in raises if it needs torchvision
+            if processor_class is not None and any("video" in a for a in processor_class.get_attributes()):
+                try:
+                    load = without_videos(processor_class).from_pretrained
+                except ValueError:
+                    pass  # AutoProcessor's own error names the missing package
         return load(folder, trust_remote_code=trust_remote_code)
     except ImportError as exc:
         raise missing_package_error(exc, folder) from None
