@@ -368,6 +368,7 @@ def test_a_missing_optional_package_is_one_line(folders, jsonl, tmp_path, monkey
         with pytest.raises(MultiflowError, match=r"needs the Python package torchvision, which is not installed"):
             load_processor(pixtral)
     assert missing_package(ModuleNotFoundError("No module named 'timm.layers'", name="timm.layers")) == "timm"
+    assert missing_package(ModuleNotFoundError("No module named 'google'", name="google.protobuf")) == "protobuf"
     assert missing_package(ImportError("something else broke")) is None
 
 

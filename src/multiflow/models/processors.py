@@ -26,13 +26,17 @@ INSTALL = {
     "timm": "pip install timm",
     "einops": "pip install einops",
 }
+# Import names that are not the package's name on PyPI.
+PACKAGE_OF_MODULE = {"google": "protobuf", "PIL": "pillow", "cv2": "opencv-python", "sklearn": "scikit-learn"}
 _CONFIGS = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
 def missing_package(exc: ImportError) -> str | None:
-    """The package an ImportError says is missing: its `name`, or the first known package its message names."""
+    """The package an ImportError says is missing: that of its module `name`, or the first known package its
+    message names (transformers' "X requires the Torchvision library" has no name)."""
     if exc.name:
-        return exc.name.split(".")[0]
+        module = exc.name.split(".")[0]
+        return PACKAGE_OF_MODULE.get(module, module)
     text = str(exc).lower()
     found = [(text.find(name), name) for name in INSTALL if name in text]
     if found:
