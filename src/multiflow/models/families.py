@@ -201,22 +201,9 @@ _LLAVA = family(
 
 _QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 
-_QWEN2_VL = family(
-    "qwen2_vl", VTF, [
-        (r"^model\.visual\.merger\.", "fusion", "merger maps image features into the LLM"),
-        (r"^model\.visual\.", "vision", "vision transformer"),
-        (r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
-    ],
-    model_types=("qwen2_vl", "qwen2_5_vl"),
-    architectures=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
-    # 4.x hub names (`visual.*`, `model.layers.*`) and 5.x in-memory / save_pretrained names
-    renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
-    aligned_layers=r"^model\.language_model\.",
-    prompt=_QWEN_PROMPT,
-)
-
-# Idefics3 (and SmolVLM): a SigLIP-like vision transformer; the connector's pixel shuffle folds each 2x2
-# (scale_factor) patch group into one token and its modality_projection maps it into the LLM (Llama / SmolLM2).
+# Idefics3 (and SmolVLM): a SigLIP-like vision transformer; the connector's pixel shuffle folds each square of
+# scale_factor x scale_factor patches (2 in Idefics3, 3 or 4 in SmolVLM) into one token and its
+# modality_projection maps it into the LLM (Llama 3 / SmolLM2).
 # The vision tower's last layer feeds the connector (no feature-layer key: no dead layers).
 _IDEFICS3 = family(
     "idefics3", VTF, [
@@ -262,7 +249,18 @@ FAMILIES: tuple[Family, ...] = (
     # LLaVA-NeXT: LLaVA's names and rules (its image_newline is a 1-D parameter, never a candidate)
     replace(_LLAVA, rules=replace(_LLAVA.rules, name="llava_next"), model_types=("llava_next",),
             architectures=("LlavaNextForConditionalGeneration",)),
-    _QWEN2_VL,
+    family(
+        "qwen2_vl", VTF, [
+            (r"^model\.visual\.merger\.", "fusion", "merger maps image features into the LLM"),
+            (r"^model\.visual\.", "vision", "vision transformer"),
+            (r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+        ],
+        model_types=("qwen2_vl", "qwen2_5_vl"),
+        architectures=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+        renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
+        aligned_layers=r"^model\.language_model\.",
+        prompt=_QWEN_PROMPT,
+    ),
     # Qwen3-VL: Qwen2-VL's layout (hub checkpoints already use the in-memory names); its vision tower adds
     # DeepStack mergers that feed intermediate vision features into the first decoder layers.
     family(
@@ -274,7 +272,7 @@ FAMILIES: tuple[Family, ...] = (
         ],
         model_types=("qwen3_vl",),
         architectures=("Qwen3VLForConditionalGeneration",),
-        renames=_QWEN2_VL.renames,
+        renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
         aligned_layers=r"^model\.language_model\.",
         prompt=_QWEN_PROMPT,
     ),
