@@ -192,7 +192,7 @@ def _teacher_forced_seq2seq(pruned, dense, batch: list[Sample]) -> list[dict]:
     processor = pruned.processor
     prompts = processor(images=[[s.image] for s in batch], text=[build_prompt(processor, s.question, None)
                                                                 for s in batch], return_tensors="pt", padding=True)
-    answers = processor.tokenizer([s.answer for s in batch], return_tensors="pt", padding=True)
+    answers = processor.tokenizer([s.answer for s in batch], return_tensors="pt", padding=True, padding_side="right")
     labels = answers["input_ids"].masked_fill(answers["attention_mask"] == 0, -100)
     logits = []
     for model in (dense, pruned):
