@@ -9,9 +9,9 @@ head (`vision_use_head=True`, SigLIP's default), which these models never read.
 
 Processors: Gemma 3, PaliGemma and Aya Vision use transformers' own processor with the PIL image processor.
 Three need torchvision, which is not installed here: LLaVA-OneVision's and InternVL's (their video processors)
-are built in memory without a video processor, and Mistral 3's PixtralProcessor is replaced by `PixtralLike`
-below (its prompt expansion on the PIL image processor); `AutoProcessor.from_pretrained` returns those for their
-folders (the `processors` fixture).
+are saved without a video processor and loaded by models/processors.py's `load_processor` without it, and
+Mistral 3's PixtralProcessor is replaced by `PixtralLike` below (its prompt expansion on the PIL image
+processor), which `load_processor` returns for its folder (the `processors` fixture).
 
 The real layouts of Gemma-3-4B, InternVL3-1B-hf and LLaVA-OneVision-0.5B (tests/fixtures/layouts/*.json, with
 the sources each was derived from) are checked key by key against the presets and against the model that
@@ -37,6 +37,8 @@ from multiflow.models.inventory import module_name
 
 FAMILIES = ["gemma3", "paligemma", "mistral3", "aya_vision", "llava_onevision", "internvl"]
 LAYOUTS = Path(__file__).parent / "fixtures" / "layouts"
+# this file's layouts (every tensor with its group by hand); test_families_more.py reads the others there
+LAYOUT_FIXTURES = ["gemma-3-4b-it", "internvl3-1b-hf", "llava-onevision-qwen2-0.5b-ov-hf"]
 SPECIAL = ["<image>", "<video>", "<start_of_image>", "<end_of_image>", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
            "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "<img>", "</img>",
            "<IMG_CONTEXT>"]
@@ -100,13 +102,8 @@ def tiny(name: str, seed: int = 0):
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from unittest import mock
+    from multiflow.models.processors import without_videos
 
-    from transformers.processing_utils import ProcessorMixin
-
-    check = ProcessorMixin.check_argument_for_proper_class
-    no_video = mock.patch.object(ProcessorMixin, "check_argument_for_proper_class",  # video_processor=None
-                                 lambda self, attribute, value: None if value is None else check(self, attribute, value))
     ids = {t: 259 + i for i, t in enumerate(SPECIAL)}
     siglip = dict(model_type="siglip_vision_model", **VISION)  # vision_use_head: SigLIP's default, True
     saved = True
@@ -159,11 +156,9 @@ def tiny(name: str, seed: int = 0):
             "llava_onevision", vision_config=siglip, text_config=dict(model_type="qwen2", **TEXT),
             image_token_index=ids["<image>"], video_token_index=ids["<video>"], image_grid_pinpoints=[[16, 16]],
             vision_feature_layer=-2, **IDS)
-        with no_video:
-            processor, saved = LlavaOnevisionProcessor(
-                LlavaOnevisionImageProcessorPil(size=SIZE, image_grid_pinpoints=[[16, 16]]), byte_tokenizer({}), None,
-                num_image_tokens=16, vision_feature_select_strategy="full",
-                chat_template=CHAT.replace("IMAGE", "<image>")), False
+        processor = without_videos(LlavaOnevisionProcessor)(
+            LlavaOnevisionImageProcessorPil(size=SIZE, image_grid_pinpoints=[[16, 16]]), byte_tokenizer({}), None,
+            num_image_tokens=16, vision_feature_select_strategy="full", chat_template=CHAT.replace("IMAGE", "<image>"))
     elif name == "internvl":
         from transformers import InternVLProcessor
 
@@ -173,10 +168,9 @@ def tiny(name: str, seed: int = 0):
             **IDS)
         tokenizer = byte_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",
                                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
-        with no_video:
-            processor, saved = InternVLProcessor(GotOcr2ImageProcessorPil(size=SIZE, max_patches=1),
-                                                 tokenizer, None, image_seq_length=4,
-                                                 chat_template=CHAT.replace("IMAGE", "<IMG_CONTEXT>\n")), False
+        processor = without_videos(InternVLProcessor)(GotOcr2ImageProcessorPil(size=SIZE, max_patches=1), tokenizer,
+                                                      None, image_seq_length=4,
+                                                      chat_template=CHAT.replace("IMAGE", "<IMG_CONTEXT>\n"))
     else:
         raise ValueError(name)
     torch.manual_seed(seed)
@@ -189,23 +183,26 @@ def tiny(name: str, seed: int = 0):
 
 
 IN_MEMORY_PROCESSORS: dict[str, object] = {}  # model_type -> processor that cannot be saved and loaded here
+# the video processor configs the hub folders have (a processor built here without torchvision cannot write them)
+VIDEO_PROCESSORS = {"llava_onevision": "LlavaOnevisionVideoProcessor", "internvl": "InternVLVideoProcessor"}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def processors():
-    """AutoProcessor.from_pretrained gives the in-memory processor of the families that need torchvision."""
-    import transformers
+    """models/processors.py's load_processor gives the in-memory processor of Mistral 3 (PixtralProcessor needs
+    torchvision)."""
+    from multiflow.models import processors
 
-    real = transformers.AutoProcessor.from_pretrained
+    real = processors.load_processor
 
-    def from_pretrained(folder, *args, **kwargs):
+    def load_processor(folder, *args, **kwargs):
         model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
         if model_type in IN_MEMORY_PROCESSORS:
             return IN_MEMORY_PROCESSORS[model_type]
         return real(folder, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.AutoProcessor, "from_pretrained", from_pretrained)
+        patch.setattr(processors, "load_processor", load_processor)
         yield
 
 
@@ -217,6 +214,9 @@ def vlm(request, tmp_path_factory):
     model.save_pretrained(folder)
     if saved:
         processor.save_pretrained(folder)
+        if request.param in VIDEO_PROCESSORS:
+            (folder / "video_preprocessor_config.json").write_text(json.dumps({
+                "video_processor_type": VIDEO_PROCESSORS[request.param], "processor_class": type(processor).__name__}))
     else:
         IN_MEMORY_PROCESSORS[model.config.model_type] = processor
     return folder, model, processor
@@ -362,8 +362,9 @@ def test_calibrate_prune_load_eval(vlm, jsonl, tmp_path):
     image_token = model.config.image_token_id
     assert loaded.image_token_id == image_token
     if name == "paligemma":  # no chat template: the family's (the question, then "\n" from the processor)
-        assert loaded.processor.chat_template == inv.family.chat_template
-        from multiflow.models.prompts import build_prompt
+        from multiflow.models.prompts import build_prompt, chat_template
+
+        assert loaded.processor.chat_template == chat_template(inv.family.prompt)
 
         assert build_prompt(loaded.processor, "Why?", None) == "Why?"
         assert build_prompt(loaded.processor, "Why?", "blue") == "Why?\nblue"
@@ -436,7 +437,7 @@ def sparse_checkpoint(folder: Path, tensors: dict[str, list], dtype: str, config
     return folder
 
 
-@pytest.mark.parametrize("fixture", sorted(LAYOUTS.glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("fixture", [LAYOUTS / f"{name}.json" for name in LAYOUT_FIXTURES], ids=lambda p: p.stem)
 def test_real_layouts_get_their_groups(fixture, tmp_path):
     """Public checkpoints' key names and shapes (tests/fixtures/layouts: where each came from is in the file):
     every key gets its group through the preset and renames, and names a parameter of the model transformers

@@ -20,7 +20,7 @@ from multiflow.calibration.text_data import DEFAULT_SEQ_LEN, TextWindow, check_s
 from multiflow.errors import MultiflowError
 from multiflow.models import inventory as layers
 from multiflow.models.loading import load_model
-from multiflow.models.prompts import build_prompt
+from multiflow.models.prompts import encode_prompts
 from multiflow.models.retrieval import encode_pairs, retrieval_head
 from multiflow.storage.stats_file import LayerStats, from_collector, save_stats
 
@@ -123,7 +123,7 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
             _whole_model(loaded, batches, collector, config, progress, encode, forward)
             execution = "whole model"
         else:
-            encoded = [encode(loaded.processor, b, config.include_answers).to(loaded.device) for b in batches]
+            encoded = [_inputs(loaded, b, config.include_answers, encode) for b in batches]
             on_block = None if masker is None else _pruning_step(loaded, collector, set(names), masker)
             if pruner is not None:
                 on_block = attached.enter_context(pruner.attach(loaded, collector, names))
@@ -182,7 +182,7 @@ def _whole_model(loaded, batches: list[list[Sample]], collector, config: Calibra
     bar = tqdm(total=sum(len(b) for b in batches), unit="sample", desc="Step 2: calibration", disable=not progress)
     with bar:
         for batch in batches:
-            inputs = (encode or _encode)(loaded.processor, batch, config.include_answers).to(loaded.device)
+            inputs = _inputs(loaded, batch, config.include_answers, encode)
             with collector.batch(inputs["attention_mask"], image_positions(loaded, inputs)), torch.inference_mode():
                 if forward is None:
                     loaded.model(**inputs, use_cache=False)
@@ -234,9 +234,20 @@ def _encode_pairs(head, processor: Any, batch: list[Sample], include_answers: bo
                                      [pair_text(s, include_answers) for s in batch]))
 
 
+def _inputs(loaded, batch: list[Sample] | list[TextWindow], include_answers: bool, encode=None):
+    """A batch encoded for the loaded model by `encode` (default `_encode`), on its device. An encoder-decoder
+    language model (BLIP-2's Flan-T5) reads the prompt with its encoder; its decoder runs on the start token alone."""
+    from multiflow.models.loading import is_encoder_decoder
+
+    inputs = (encode or _encode)(loaded.processor, batch, include_answers)
+    if is_encoder_decoder(loaded.model) and "decoder_input_ids" not in inputs:
+        text = loaded.model.config.get_text_config()
+        start = text.decoder_start_token_id if text.decoder_start_token_id is not None else text.pad_token_id
+        inputs["decoder_input_ids"] = torch.full((inputs["input_ids"].shape[0], 1), start, dtype=torch.long)
+    return inputs.to(loaded.device)
+
+
 def _encode(processor: Any, batch: list[Sample] | list[TextWindow], include_answers: bool):
     if batch and isinstance(batch[0], TextWindow):
         return encode_windows(batch)
-    prompts = [build_prompt(processor, s.question, s.answer if include_answers else None) for s in batch]
-    # one list of images per prompt: Gemma 3's processor reads a flat list as all of one prompt's images
-    return processor(images=[[s.image] for s in batch], text=prompts, return_tensors="pt", padding=True)
+    return encode_prompts(processor, batch, include_answers)

@@ -48,6 +48,12 @@ def square_sums(x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tenso
     return (keep.float() @ rows.square()).double(), int(keep.sum())
 
 
+def _fits(x: torch.Tensor, keep: torch.Tensor) -> bool:
+    """x's rows are the batch's positions: [batch, seq, features], or flattened to [batch * seq, features]
+    (OPT's decoder layers flatten the tokens before their MLP)."""
+    return tuple(x.shape[:-1]) == tuple(keep.shape) or (x.dim() == 2 and x.shape[0] == keep.numel())
+
+
 @dataclass
 class RunningMean:
     """sum x_j^2 (float64) and the number of tokens it covers."""
@@ -122,10 +128,10 @@ class Collector:
             return False
         if name not in self.aligned:
             return None
-        if b.keep is None or tuple(x.shape[:-1]) != tuple(b.keep.shape):
+        if b.keep is None or not _fits(x, b.keep):
             raise MultiflowError(f"layer {name} got input of shape {list(x.shape)} but the batch mask is "
                                  f"{None if b.keep is None else list(b.keep.shape)}")
-        return b.keep.to(x.device)
+        return b.keep.reshape(x.shape[:-1]).to(x.device)
 
     def _sums(self, x: torch.Tensor, aligned: bool) -> dict[str, tuple[torch.Tensor, int]]:
         # q/k/v (and gate/up) read the same input tensor object: compute its sums once (keyed on that
@@ -134,7 +140,7 @@ class Collector:
         if b.last is not None and b.last[0]() is x and b.last[1] == aligned:
             return b.last[2]
         if aligned:
-            if b.keep is None or tuple(x.shape[:-1]) != tuple(b.keep.shape):
+            if b.keep is None or not _fits(x, b.keep):
                 raise MultiflowError(
                     f"a language-model layer got input of shape {list(x.shape)} but the batch mask is "
                     f"{None if b.keep is None else list(b.keep.shape)}; run one full forward per batch "

@@ -29,7 +29,8 @@ from multiflow.calibration.text_data import DEFAULT_SEQ_LEN
 from multiflow.errors import MultiflowError
 from multiflow.evaluation.reference import check_reference, kl_and_agreement, reference_warnings
 from multiflow.evaluation.retrieval import DEFAULT_CLASS_TEMPLATE
-from multiflow.models.prompts import build_prompt
+from multiflow.models.loading import is_encoder_decoder
+from multiflow.models.prompts import encode_prompts
 
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -146,29 +147,27 @@ def _generate(loaded, batch: list[Sample], max_new_tokens: int) -> list[str]:
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation pads on the left
     try:
-        prompts = [build_prompt(processor, s.question, None) for s in batch]
-        inputs = processor(images=[[s.image] for s in batch], text=prompts, return_tensors="pt", padding=True)
+        inputs = encode_prompts(processor, batch)
     finally:
         tokenizer.padding_side = side
     inputs = inputs.to(loaded.device)
     with torch.inference_mode():
         out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    new = out if is_encoder_decoder(loaded.model) else out[:, inputs["input_ids"].shape[1]:]  # T5: answer only
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
     """KL and top-1 agreement on the reference answer tokens (right-padded batch, one forward per model)."""
+    if is_encoder_decoder(pruned.model):
+        return _teacher_forced_seq2seq(pruned, dense, batch)
     processor = pruned.processor
-    images = [[s.image] for s in batch]  # one list per prompt (calibrate._encode)
     side = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = "right"
     try:
-        prompts = processor(images=images, text=[build_prompt(processor, s.question, None) for s in batch],
-                            return_tensors="pt", padding=True)
-        full = processor(images=images, text=[build_prompt(processor, s.question, s.answer) for s in batch],
-                         return_tensors="pt", padding=True)
+        prompts = encode_prompts(processor, batch)
+        full = encode_prompts(processor, batch, answers=True)
     finally:
         processor.tokenizer.padding_side = side
     logits = []
@@ -187,4 +186,25 @@ def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
         if not math.isfinite(float(kl.sum())):
             raise MultiflowError(f"KL is not finite on {sample.source}: the pruned model's logits overflowed")
         out.append({"answer_tokens": int(kl.numel()), "kl_sum": float(kl.sum()), "agree_sum": int(agree.sum())})
+    return out
+
+
+def _teacher_forced_seq2seq(pruned, dense, batch: list[Sample]) -> list[dict]:
+    """`_teacher_forced` for an encoder-decoder language model: the prompt is the encoder's input and the
+    reference answer the decoder's labels (fed in shifted by the model), so every label position counts."""
+    processor = pruned.processor
+    prompts = encode_prompts(processor, batch)
+    answers = processor.tokenizer([s.answer for s in batch], return_tensors="pt", padding=True, padding_side="right")
+    labels = answers["input_ids"].masked_fill(answers["attention_mask"] == 0, -100)
+    logits = []
+    for model in (dense, pruned):
+        with torch.inference_mode():
+            logits.append(model.model(**prompts.to(model.device), labels=labels.to(model.device)).logits.float().cpu())
+    out = []
+    for i, sample in enumerate(batch):
+        n = int(answers["attention_mask"][i].sum())
+        kl, agree = kl_and_agreement(logits[0][i, :n], logits[1][i, :n])
+        if not math.isfinite(float(kl.sum())):
+            raise MultiflowError(f"KL is not finite on {sample.source}: the pruned model's logits overflowed")
+        out.append({"answer_tokens": n, "kl_sum": float(kl.sum()), "agree_sum": int(agree.sum())})
     return out

@@ -99,8 +99,10 @@ class Family:
     models/retrieval.py's RETRIEVAL_HEADS). `architecture_pattern` matches
     any `config.architectures` entry by regular expression (a catch-all family). `converted_to` names
     the family whose transformers model a checkpoint of this family becomes in memory to run (Step 2,
-    eval), `conversion_renames` mapping this family's module names to that model's. `chat_template` is
-    the prompt format given to a processor that has no chat template of its own (models/prompts.py).
+    eval), `conversion_renames` mapping this family's module names to that model's. `prompt` is the
+    family's prompt for a processor without a chat template (models/prompts.py; default LLaVA-1.5's):
+    `{question}` marks the question, and the answer follows after a space, or
+    after `<join>` in a prompt that ends `{question}<join>{answer}` (PaliGemma's).
     """
 
     rules: ModalityRules
@@ -122,7 +124,7 @@ class Family:
     architecture_pattern: str | None = None
     converted_to: str | None = None  # run as this family's transformers model (a converter in models/loading.py)
     conversion_renames: tuple[tuple[str, str], ...] = ()  # this family's names -> the converted model's
-    chat_template: str | None = None  # prompt format (a chat template) for checkpoints that have none
+    prompt: str | None = None  # the prompt when the processor has no chat template (models/prompts.py)
 
     def vision_tower_name(self, key: str) -> str | None:
         """A separate vision tower folder's key (`--vision-tower`, a CLIP folder) as this family names it, or
@@ -210,6 +212,26 @@ _LLAVA = family(
     vision_layer_pattern=r"^model\.vision_tower\.encoder\.layers\.(\d+)\.",
 )
 
+_QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+
+# Idefics3 (and SmolVLM): a SigLIP-like vision transformer; the connector's pixel shuffle folds each square of
+# scale_factor x scale_factor patches (2 in Idefics3, 3 or 4 in SmolVLM) into one token and its
+# modality_projection maps it into the LLM (Llama 3 / SmolLM2).
+# The vision tower's last layer feeds the connector (no feature-layer key: no dead layers).
+_IDEFICS3 = family(
+    "idefics3", VTF, [
+        (r"^model\.connector\.", "fusion", "connector: pixel shuffle + modality_projection into the LLM"),
+        (r"^model\.vision_model\.", "vision", "SigLIP-like vision transformer"),
+        (r"^model\.text_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+    ],
+    model_types=("idefics3",),
+    architectures=("Idefics3ForConditionalGeneration",),
+    # hub and 5.x names are the in-memory ones; a saved bare Idefics3Model lacks the `model.` prefix
+    renames=((r"^(vision_model|connector|text_model)\.", r"model.\1."),),
+    aligned_layers=r"^model\.text_model\.",
+    prompt="User:<image>{question}<end_of_utterance>\nAssistant:",
+)
+
 
 def _llava_like(name: str, model_types: tuple[str, ...], architectures: tuple[str, ...], tower: str,
                 extra_rules: Iterable[tuple[str, ...]] = (), **fields: Any) -> Family:
@@ -233,14 +255,6 @@ def _llava_like(name: str, model_types: tuple[str, ...], architectures: tuple[st
 
 _SIGLIP_LAYERS = r"^model\.vision_tower\.encoder\.layers\.(\d+)\."
 
-# PaliGemma's checkpoints have no chat template: its processor puts the image tokens and BOS in front of
-# the prompt and ends it with "\n"; the answer follows (big_vision's prefix / suffix format).
-PALIGEMMA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'user' %}{{ '\\n' }}{% endif %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endfor %}"
-)
-
 # transformers 5.x LLaVA-like families: one entry each (processors, image tokens and projectors differ; the
 # module names and every saved layout are LLaVA's). Hub checkpoints hold 4.x keys (`language_model.model.`,
 # `vision_tower.vision_model.` for SigLIP / `vision_tower.` for Pixtral and InternViT); 5.x save_pretrained
@@ -252,8 +266,10 @@ _LLAVA_LIKE = (
         extra_rules=[(r"^model\.multi_modal_projector\.mm_input_projection_weight$", "skip",
                       "bare projection parameter (x @ W), not an nn.Linear: kept dense")],
     ),
+    # PaliGemma's checkpoints have no chat template: its processor puts the image tokens and BOS in front of
+    # the prompt and ends it with "\n"; the answer follows that "\n" (big_vision's prefix / suffix format).
     _llava_like("paligemma", ("paligemma",), ("PaliGemmaForConditionalGeneration",), "SigLIP vision tower",
-                chat_template=PALIGEMMA_CHAT_TEMPLATE),
+                prompt="{question}\n{answer}"),
     _llava_like("mistral3", ("mistral3",), ("Mistral3ForConditionalGeneration",),
                 "Pixtral vision tower (the patch merger is in the projector)",
                 feature_layer_key="vision_feature_layer",
@@ -307,6 +323,69 @@ FAMILIES: tuple[Family, ...] = (
         architectures=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
         renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
         aligned_layers=r"^model\.language_model\.",
+        prompt=_QWEN_PROMPT,
+    ),
+    # Qwen3-VL: Qwen2-VL's layout (hub checkpoints already use the in-memory names); its vision tower adds
+    # DeepStack mergers that feed intermediate vision features into the first decoder layers.
+    family(
+        "qwen3_vl", VTF, [
+            (r"^model\.visual\.(merger|deepstack_merger_list)\.", "fusion",
+             "merger and DeepStack mergers map image features into the LLM"),
+            (r"^model\.visual\.", "vision", "vision transformer"),
+            (r"^model\.language_model\.layers\.", "fusion", "decoder layers see image and text tokens"),
+        ],
+        model_types=("qwen3_vl",),
+        architectures=("Qwen3VLForConditionalGeneration",),
+        renames=((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model.")),
+        aligned_layers=r"^model\.language_model\.",
+        prompt=_QWEN_PROMPT,
+    ),
+    _IDEFICS3,
+    # SmolVLM: Idefics3's layout and rules
+    replace(_IDEFICS3, rules=replace(_IDEFICS3.rules, name="smolvlm"), model_types=("smolvlm",),
+            architectures=("SmolVLMForConditionalGeneration",),
+            prompt="<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:"),
+    # Llama 3.2 Vision: a vision encoder (local transformer, then a global one over the tiles) whose features
+    # reach the text model only through cross-attention layers interleaved with the self-attention ones.
+    family(
+        "mllama", VTF, [
+            (r"^model\.vision_model\.", "vision", "vision encoder: local transformer and global transformer"),
+            (r"^model\.multi_modal_projector$", "fusion", "projector maps image features into the LLM"),
+            (r"^model\.language_model\.layers\.\d+\.cross_attn\.", "fusion",
+             "cross-attention layers: text queries read image features"),
+            (r"^model\.language_model\.layers\.", "fusion",
+             "decoder layers see text tokens that carry the image (from the cross-attention layers)"),
+        ],
+        model_types=("mllama",),
+        architectures=("MllamaForConditionalGeneration",),
+        renames=(
+            (r"^language_model\.lm_head(?=\.|$)", "lm_head"),  # 4.x hub and 5.x save_pretrained names
+            (r"^language_model\.model\.", "model.language_model."),
+            (r"^language_model\.", "model.language_model."),
+            (r"^(vision_model|multi_modal_projector)(?=\.|$)", r"model.\1"),
+        ),
+        # the cross-attention keys and values read the image features, not the prompt's positions
+        aligned_layers=r"^model\.language_model\.layers\.\d+\.(?!cross_attn\.[kv]_proj$)",
+        prompt="<|image|>{question}",
+    ),
+    # BLIP-2: ViT, then a Q-Former whose learned queries cross-attend the image features; their outputs,
+    # projected, are the image tokens in front of the prompt of an OPT (decoder-only) or Flan-T5 language model.
+    # Hub and 5.x names are the in-memory ones; OPT's lm_head is tied to its embeddings (not in the checkpoint).
+    family(
+        "blip-2", VTF, [
+            (r"^vision_model\.", "vision", "ViT image encoder"),
+            (r"^qformer\.", "fusion", "Q-Former: learned queries cross-attend the image features"),
+            (r"^language_projection$", "fusion", "projection maps the Q-Former outputs into the LLM"),
+            (r"relative_attention_bias$", "skip", "T5 relative position bias (an embedding table)"),
+            (r"^language_model\.shared$", "skip", "T5 token embedding"),
+            (r"^language_model\.model\.decoder\.project_(in|out)$", "skip", "OPT embedding projection"),
+            (r"^language_model\.(model\.decoder\.layers|encoder\.block|decoder\.block)\.", "fusion",
+             "language model layers see the image query tokens and text"),
+        ],
+        model_types=("blip-2",),
+        architectures=("Blip2ForConditionalGeneration",),
+        aligned_layers=r"^language_model\.(model\.decoder|encoder)\.",  # T5's decoder runs on the answer only
+        prompt="Question: {question} Answer:",  # the processor puts the query tokens in front
     ),
     *_LLAVA_LIKE,
     # BLIP's image-text retrieval model (the MULTIFLOW authors' BLIP grouping): before "blip", whose model_type it

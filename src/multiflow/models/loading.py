@@ -11,6 +11,7 @@ Original-layout LLaVA is converted to the transformers model either way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -151,8 +152,10 @@ def load_model(
     `lazy`: parameters stay on disk (meta device) and `LoadedModel.weights` says where;
     buffers are real. `device_map` ("auto"): whole model spread over the GPUs by accelerate.
     """
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                              AutoTokenizer)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    from multiflow.models.processors import load_processor
+    from multiflow.models.prompts import chat_template
 
     folder = Path(folder)
     if dtype not in DTYPES:
@@ -171,8 +174,8 @@ def load_model(
     if inventory.family is not None and inventory.family.retrieval:  # its own class: no Auto class covers them all
         auto_model = retrieval_class(inventory.family, inventory.config, folder)
     try:
-        processor = (AutoTokenizer if text_only else AutoProcessor).from_pretrained(
-            folder, trust_remote_code=trust_remote_code)
+        processor = (AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code) if text_only
+                     else load_processor(folder, trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
         raise MultiflowError(
             f"cannot load a {'tokenizer' if text_only else 'processor (tokenizer + image processor)'} from "
@@ -180,8 +183,8 @@ def load_model(
             "files next to the weights"
         ) from exc
     family = inventory.family
-    if not text_only and family is not None and family.chat_template and not getattr(processor, "chat_template", None):
-        processor.chat_template = family.chat_template  # the family's prompt format (families.py)
+    if not text_only and family is not None and family.prompt and not getattr(processor, "chat_template", None):
+        processor.chat_template = chat_template(family.prompt)  # the family's prompt format (models/prompts.py)
     try:
         if lazy:
             from accelerate import init_empty_weights
@@ -256,12 +259,23 @@ def _lazy_source(folder: Path, inventory: Inventory, model: torch.nn.Module, all
             raise MultiflowError(f"{entry.file}: block-by-block loading reads safetensors only; convert the "
                                  "checkpoint to safetensors or pass --whole-model")
         entries[module_name(entry.key, inventory.renames)] = entry
+    # Tied weights (an output head tied to the embeddings) are not in the checkpoint, and a model built on the
+    # meta device is not tied yet: read each from its source's tensor (a copy of the entry: one per parameter).
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target not in entries and source in entries:
+            entries[target] = dataclasses.replace(entries[source])
     needed = base_parameters(model)
     missing = [n for n in needed if n not in entries]
     if missing:
         raise MultiflowError(f"{folder}: no checkpoint tensor for parameter {missing[0]} of the model "
                              f"({len(missing)} missing); its key names are not known to multiflow: pass --whole-model")
     return WeightSource({n: entries[n] for n in needed})
+
+
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Is the model's language model an encoder-decoder (BLIP-2's Flan-T5)? It reads the prompt with its
+    encoder and produces the answer with its decoder."""
+    return bool(getattr(model.config.get_text_config(), "is_encoder_decoder", False))
 
 
 def base_parameters(model: torch.nn.Module) -> list[str]:
