@@ -252,6 +252,30 @@ def test_prompt_without_chat_template_is_the_familys(saved):
     assert image_tokens == IMAGE_TOKENS[name]
 
 
+def test_family_prompt_as_chat_template_places_the_answer():
+    """`chat_template`: the answer after a space, or after the join of a prompt ending `{question}<join>{answer}`
+    (PaliGemma's: the prompt ends at the question); a prompt without one `{question}`, or with `{answer}`
+    elsewhere than at its end, is refused."""
+    from multiflow.models.prompts import chat_template
+
+    tokenizer = char_tokenizer([])
+
+    def render(prompt: str, answer: str | None) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Why?"}]}]
+        if answer is not None:
+            conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return tokenizer.apply_chat_template(conversation, chat_template=chat_template(prompt), tokenize=False,
+                                             add_generation_prompt=answer is None)
+
+    assert render("Q:\n{question}\nA:", None) == "Q:\nWhy?\nA:"
+    assert render("Q:\n{question}\nA:", "blue") == "Q:\nWhy?\nA: blue"
+    assert render("{question}\n{answer}", None) == "Why?"
+    assert render("<{question}>\n{answer}", "blue") == "<Why?>\nblue"
+    for wrong in ("no question", "{question} {question}", "{answer} {question}", "{question} {answer} A:"):
+        with pytest.raises(ValueError, match="needs one"):
+            chat_template(wrong)
+
+
 def test_end_to_end(saved, jsonl, tmp_path):
     from transformers import AutoModelForImageTextToText
 
