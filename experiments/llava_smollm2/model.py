@@ -57,6 +57,7 @@ def build_model(lm_folder: Path, processor, seed: int = 0):
     tok = processor.tokenizer
     text = AutoConfig.from_pretrained(lm_folder)
     text.vocab_size = len(tok)
+    text._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not the local folder: the rebuild is byte-identical
     vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **VISION)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
