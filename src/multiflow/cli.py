@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", "--model_path", dest="model", metavar="PATH",
                    help="model folder to evaluate (default: the bundled demo model)")
     e.add_argument("--reference", metavar="PATH", help="dense model folder to compare against (KL, top-1 agreement)")
+    e.add_argument("--rules", metavar="FILE",
+                   help="the rules file the model was pruned with (renames, image token, prompt template), for "
+                        "--model and --reference alike; needed for architectures multiflow does not know")
     e.add_argument("--data", metavar="PATH", help="evaluation data (JSON/JSONL, datasets folder, parquet; text "
                    "for a plain language model, as for calibrate); "
                    "default: the demo model's evaluation split, or the bundled photographs")
@@ -454,12 +457,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     output = output_path(args.output) if args.output is not None else None
     if output is not None:
         check_file_output(output, {"the --model folder": model, "the --reference folder": args.reference,
-                                   "the --data input": args.data}, args.overwrite)
+                                   "the --data input": args.data, "the --rules file": args.rules}, args.overwrite)
     results = evaluate(EvalConfig(
         model=model, data=Path(args.data) if args.data else _default_eval_data(args.model, model),
         reference=Path(args.reference) if args.reference else None, nsamples=args.nsamples, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len), progress=not args.quiet)
+        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len, rules=Path(args.rules) if args.rules else None),
+        progress=not args.quiet)
     if output is not None:
         write_atomic(output, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
     if "perplexity" in results:  # a plain language model

@@ -68,6 +68,7 @@ class EvalConfig:
     device: str = "cpu"
     trust_remote_code: bool = False
     seq_len: int = DEFAULT_SEQ_LEN  # a plain language model: tokens per perplexity window
+    rules: Path | None = None  # a rules file (as for pruning): renames, image token, prompt; also for --reference
 
     def __post_init__(self) -> None:
         for flag, value in (("--nsamples", self.nsamples), ("--batch-size", self.batch_size),
@@ -82,7 +83,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from multiflow.models import inventory as layers
     from multiflow.models.loading import load_model
 
-    family = layers.from_checkpoint(config.model).family
+    inventory = layers.from_checkpoint(config.model, config.rules)
+    family = inventory.family
     if family is not None and family.text_only:
         from multiflow.evaluation.perplexity import evaluate_perplexity
 
@@ -91,11 +93,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     samples = [s for s in samples if s.answer]
     if not samples:
         raise MultiflowError(f"no sample in {report.source} has a reference answer to evaluate against")
-    loaded = load_model(config.model, layers.from_checkpoint(config.model), config.dtype, config.device,
-                        config.trust_remote_code)
+    loaded = load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code)
     reference = None
     if config.reference is not None:
-        reference = load_model(config.reference, layers.from_checkpoint(config.reference), config.dtype,
+        reference = load_model(config.reference, layers.from_checkpoint(config.reference, config.rules), config.dtype,
                                config.device, config.trust_remote_code)
         check_reference(loaded, reference, config.model, config.reference)
     items = []
@@ -139,7 +140,7 @@ def _generate(loaded, batch: list[Sample], max_new_tokens: int) -> list[str]:
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation pads on the left
     try:
-        prompts = [build_prompt(processor, s.question, None) for s in batch]
+        prompts = [build_prompt(processor, s.question, None, loaded.prompt_template) for s in batch]
         inputs = processor(images=[s.image for s in batch], text=prompts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
@@ -158,9 +159,10 @@ def _teacher_forced(pruned, dense, batch: list[Sample]) -> list[dict]:
     side = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = "right"
     try:
-        prompts = processor(images=images, text=[build_prompt(processor, s.question, None) for s in batch],
+        template = pruned.prompt_template
+        prompts = processor(images=images, text=[build_prompt(processor, s.question, None, template) for s in batch],
                             return_tensors="pt", padding=True)
-        full = processor(images=images, text=[build_prompt(processor, s.question, s.answer) for s in batch],
+        full = processor(images=images, text=[build_prompt(processor, s.question, s.answer, template) for s in batch],
                          return_tensors="pt", padding=True)
     finally:
         processor.tokenizer.padding_side = side

@@ -19,9 +19,12 @@ LLAVA_15_CHAT_TEMPLATE = (
 )
 
 
-def build_prompt(processor: Any, question: str, answer: str | None) -> str:
-    """The processor's chat template when it has one, else LLaVA-1.5's; ends at the answer slot
-    unless an answer is given."""
+def build_prompt(processor: Any, question: str, answer: str | None, template: str | None = None) -> str:
+    """`template` (a rules file's prompt_template: str.format with {question}) when given, else the processor's
+    chat template when it has one, else LLaVA-1.5's; ends at the answer slot unless an answer is given."""
+    if template is not None:
+        prompt = template.format(question=question)
+        return prompt if answer is None else f"{prompt} {answer}"
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         if answer is None:
