@@ -440,7 +440,7 @@ def load_rules_file(path: str | Path, detected: Family | None = None) -> Family:
         if data["task"] not in TASKS:
             raise bad("task", f"{data['task']!r} is not one of {', '.join(TASKS)}")
         fields["task"] = data["task"]
-    family = replace(start, **fields) if start is not None else Family(rules=ModalityRules("", ()), naming="checkpoint",
+    family = replace(start, **fields) if start is not None else Family(rules=ModalityRules("", (), ()), naming="checkpoint",
                                                                        **fields)
     if family.converted_to is not None:
         for name in ("renames", "aligned_layers"):
