@@ -30,6 +30,9 @@ def test_rename_key_applies_to_the_module_path_and_keeps_the_parameter_name():
     assert rename_key("a.x.weight", renames) == "b.x.weight"
     assert rename_key("proj.inner.weight", renames) == "proj.inner.weight"  # `$` anchors the module path
     assert rename_key("other.weight", renames) == "other.weight"
+    prefix = ((r"^model\.(embed_tokens|norm)\.", r"model.language_model.\1."),)  # a prefix with its dot
+    assert rename_key("model.norm.weight", prefix) == "model.language_model.norm.weight"
+    assert rename_key("model.embed_tokens.x.weight", prefix) == "model.language_model.embed_tokens.x.weight"
 
 
 def test_base_preset_with_fields_overridden(tmp_path):

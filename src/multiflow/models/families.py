@@ -307,15 +307,20 @@ def rename_key(key: str, renames: tuple[tuple[str, str], ...]) -> str:
     The first (pattern, replacement) whose pattern is found in the key's module path is applied once (`re.sub`):
     the module path is the key without its last `.part` (the parameter's own name: `weight`, `bias`, kept as
     is), or the whole key when it has no dot (a parameter of the model itself, e.g. `image_newline`). So
-    `^vision\\.proj$` renames `vision.proj.weight` and `vision.proj.bias` alike. Unchanged when no pattern is found.
+    `^vision\\.proj$` renames `vision.proj.weight` and `vision.proj.bias` alike. A prefix written with its dot
+    (`^model\\.norm\\.`) also names the module itself: the path is tried as `model.norm` and as `model.norm.`.
+    Unchanged when no pattern is found.
     """
     module, dot, leaf = key.rpartition(".")
     if not dot:
         module, leaf = key, ""
     for pattern, replacement in renames:
-        renamed, n = re.subn(pattern, replacement, module, count=1)
-        if n:
-            return f"{renamed}.{leaf}" if leaf else renamed
+        for subject in (module, module + "."):
+            renamed, n = re.subn(pattern, replacement, subject, count=1)
+            if n:
+                if subject is not module:
+                    renamed = renamed.removesuffix(".")
+                return f"{renamed}.{leaf}" if leaf else renamed
     return key
 
 
