@@ -184,3 +184,15 @@ def test_padding_without_aligned_layers_is_refused_not_counted(demo, jsonl, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "padding positions would be counted" in err and "or use --batch-size 1" in err
     assert main([*args, "--output", str(tmp_path / "s1.safetensors")]) == 0  # one sample a batch: no padding
+
+
+def test_dead_layer_fields(demo, tmp_path):
+    folder, model, _ = demo
+    last = model.config.vision_config.num_hidden_layers - 1
+    preset = layers.from_checkpoint(folder).dead_layers()
+    assert preset and all(f".layers.{last}." in n for n in preset)  # vision_feature_layer -2: the last CLIP layer
+    off = _rules(tmp_path, "base: llava\nfeature_layer_key: null\n", "off.yaml")
+    assert layers.from_checkpoint(folder, off).dead_layers() == []
+    mlp_only = _rules(tmp_path, "base: llava\nvision_layer_pattern: '^model\\.vision_tower\\.encoder\\.layers\\.(\\d+)\\.mlp\\.'\n",
+                      "mlp.yaml")
+    assert layers.from_checkpoint(folder, mlp_only).dead_layers() == [n for n in preset if ".mlp." in n]

@@ -44,7 +44,7 @@ class DistributionChoices:
              f"exact (an error names the modality when the cap cannot hold it). Default: off, the paper's method. "
              f"Recommended: {RECOMMENDED_CAP} (a layer of mostly small weights, e.g. Qwen2.5-VL's merger "
              f"visual.merger.mlp.2 at 99%% for a 0.5 target, otherwise loses almost all its weights and breaks "
-             f"the model; 0.9 leaves every layer a tenth of its weights and moves little of the budget)")
+             f"the model; 0.9 leaves every layer a tenth of its weights and binds only on such outliers)")
     prune_only: str = option(
         "all", metavar="PARTS",
         help=f"prune only these parts, keep the rest dense: all (default), a comma list of modalities "
