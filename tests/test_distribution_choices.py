@@ -211,3 +211,23 @@ def test_cli_run_with_both_choices(demo, jsonl, tmp_path, capsys):
     assert report["modalities"]["fusion"]["pruned"] == 0 and report["kept_dense"]["modalities"] == ["fusion"]
     assert report["modalities"]["vision"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert max(v["achieved_sparsity"] for v in report["layers"].values()) <= 0.8
+
+
+def test_step1_choices_are_defined_once():
+    """distribute's flags and compute_distribution(s)' defaults come from DistributionChoices' fields."""
+    import inspect
+    from dataclasses import fields
+
+    from multiflow.cli import build_parser
+
+    options = fields(DistributionChoices)
+    assert {f.name for f in options} == {"max_layer_sparsity", "prune_only"}
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("distribute", "prune", "run"):
+        actions = {a.dest: a for a in subparsers[command]._actions}
+        for f in options:
+            assert actions[f.name].default == f.default and actions[f.name].help.startswith(f.metadata["help"][:40])
+    assert subparsers["distribute"].parse_args(["--target-sparsity", "0.5", "--max-layer-sparsity", "0.9"]
+                                                ).max_layer_sparsity == 0.9  # parsed to a number by the field's parse
+    parameters = inspect.signature(multiflow.compute_distributions).parameters
+    assert all(parameters[f.name].default == f.default for f in options)

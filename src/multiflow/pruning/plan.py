@@ -61,7 +61,7 @@ def plan(config: PruneConfig, inventory: Inventory, progress: bool = True,
 
 
 def _pruned_part(config: PruneConfig, inventory: Inventory) -> Inventory:
-    """The inventory without the layers --prune-only keeps dense (the score and uniform allocations plan the rest)."""
+    """The inventory without the layers --prune-only keeps dense (the score allocations plan the rest over it)."""
     dense = set(config.dense_layers(inventory))
     return replace(inventory, layers=[l for l in inventory.layers if l.name not in dense]) if dense else inventory
 
