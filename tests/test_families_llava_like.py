@@ -32,8 +32,7 @@ import multiflow
 from multiflow.calibration.calibrate import CalibrationConfig, calibrate
 from multiflow.evaluation.evaluate import EvalConfig, evaluate
 from multiflow.models import inventory as layers
-from multiflow.models.families import family_for
-from multiflow.models.inventory import module_name
+from multiflow.models.families import family_for, rename_key
 
 FAMILIES = ["gemma3", "paligemma", "mistral3", "aya_vision", "llava_onevision", "internvl"]
 LAYOUTS = Path(__file__).parent / "fixtures" / "layouts"
@@ -262,7 +261,7 @@ def hub_copy(folder: Path, dest: Path) -> Path:
     config = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
     to_memory = layers.from_checkpoint(folder).renames
-    write(dest, {hub_key(module_name(k, to_memory) if not k.startswith("language_model.lm_head") else "lm_head.weight",
+    write(dest, {hub_key(rename_key(k, to_memory),
                          config["model_type"]): v for k, v in tensors.items()}, config)
     for file in folder.iterdir():
         if file.name not in ("model.safetensors", "config.json"):
@@ -456,8 +455,9 @@ def test_real_layouts_get_their_groups(fixture, tmp_path):
     params = {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     other = 0
     for key, (shape, group) in tensors.items():
-        name = module_name(key.removesuffix(".weight"), inv.renames)
-        assert params.get(name + ".weight" if key.endswith(".weight") else name) == shape, key
+        full = rename_key(key, inv.renames)  # the one rename of Step 1, loading and conversion
+        name = full.removesuffix(".weight")
+        assert params.get(full) == shape, key
         if group in ("vision", "fusion"):
             assert found.get(name) == (group, shape), key
         elif group == "skip":

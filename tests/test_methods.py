@@ -254,7 +254,8 @@ def test_each_pruning_option_is_defined_once():
     from multiflow.pruning.config import PruneConfig
 
     options = [f for f in fields(PruneConfig) if "help" in f.metadata]
-    assert {f.name for f in options} == {"method", "allocation", "group", "structure", "dead_layers", "update"}
+    assert {f.name for f in options} == {"method", "allocation", "group", "structure", "dead_layers", "update",
+                                         "max_layer_sparsity", "prune_only"}
     subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
     for command in ("prune", "run"):
         actions = {a.dest: a for a in subparsers[command]._actions}

@@ -37,9 +37,16 @@ def compute_distributions(
     vision_tower: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
+    max_layer_sparsity: float | None = None,
+    prune_only: str = "all",
 ) -> list[Distribution]:
-    """Step 1 for several targets from one read of the weights."""
-    return distribute(inventory(model, rules, vision_tower, allow_pickle), target_sparsities, progress)
+    """Step 1 for several targets from one read of the weights. `max_layer_sparsity`, `prune_only`: as the CLI's
+    --max-layer-sparsity and --prune-only (`distribution.choices.DistributionChoices`)."""
+    from multiflow.distribution.choices import DistributionChoices
+
+    choices = DistributionChoices(max_layer_sparsity=max_layer_sparsity, prune_only=prune_only)
+    return distribute(inventory(model, rules, vision_tower, allow_pickle), target_sparsities, progress,
+                      choices=choices)
 
 
 def compute_distribution(
@@ -87,7 +94,8 @@ def calibrate(model: str | os.PathLike, output: str | os.PathLike = "stats.safet
 def _prune_config(model, output, target_sparsity, distribution=None, stats=None, method: str = "multiflow",
                   allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
                   dead_layers: str = "keep", rules=None, overwrite: bool = False, update: str = "none",
-                  blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False):
+                  blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False,
+                  max_layer_sparsity: float | None = None, prune_only: str = "all"):
     from multiflow.pruning.config import PruneConfig, Structure
 
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
@@ -95,14 +103,16 @@ def _prune_config(model, output, target_sparsity, distribution=None, stats=None,
         model=Path(model), output=output_path(output), target_sparsity=target_sparsity,
         distribution=as_path(distribution), stats=as_path(stats), method=method, allocation=allocation, group=group,
         structure=Structure.parse(structure), dead_layers=dead_layers, rules=as_path(rules), overwrite=overwrite,
-        update=update, blocksize=blocksize, percdamp=percdamp, deterministic_report=deterministic_report)
+        update=update, blocksize=blocksize, percdamp=percdamp, deterministic_report=deterministic_report,
+        max_layer_sparsity=max_layer_sparsity, prune_only=prune_only)
 
 
 def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *,
           distribution=None, stats=None, method: str = "multiflow", allocation: str = "modality",
           group: str = "layer", structure: str = "unstructured", dead_layers: str = "keep", rules=None,
           overwrite: bool = False, progress: bool = False, calibration: dict | None = None,
-          deterministic_report: bool = False) -> dict:
+          deterministic_report: bool = False, max_layer_sparsity: float | None = None,
+          prune_only: str = "all") -> dict:
     """Step 3: write the pruned checkpoint folder `output`; returns the report (multiflow_report.json).
 
     `output` must be new, empty, or (with `overwrite`) a previous multiflow output: never another folder.
@@ -112,7 +122,8 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: 
 
     return _prune(_prune_config(model, output, target_sparsity, distribution, stats, method, allocation, group,
                                 structure, dead_layers, rules, overwrite,
-                                deterministic_report=deterministic_report), progress, calibration)
+                                deterministic_report=deterministic_report, max_layer_sparsity=max_layer_sparsity,
+                                prune_only=prune_only), progress, calibration)
 
 
 def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *, data=None,
@@ -122,7 +133,8 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
         vision_tower=None, whole_model: bool = False, samples_per_pass: int | None = None, device_map: str | None = None,
         sequential: bool = False, seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False, update: str = "none",
-        blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False) -> dict:
+        blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False,
+        max_layer_sparsity: float | None = None, prune_only: str = "all") -> dict:
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
 
     `sequential`: each block is calibrated on the outputs of the already-pruned blocks before it
@@ -154,7 +166,8 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     sequential = sequential or reconstructs
     prune_args = dict(method=method, allocation=allocation, group=group, structure=structure,
                       dead_layers=dead_layers, rules=rules, overwrite=overwrite,
-                      deterministic_report=deterministic_report)
+                      deterministic_report=deterministic_report, max_layer_sparsity=max_layer_sparsity,
+                      prune_only=prune_only)
     update_args = dict(update=update, blocksize=blocksize, percdamp=percdamp)
     if not chosen.needs_statistics and not reconstructs:
         _prune_config(model, output, target_sparsity, **prune_args, **update_args)  # validates update's flags too
@@ -177,6 +190,7 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
                                 progress=progress, seq_len=seq_len)
         started = time.perf_counter()
         inv, dense_stats, timings = inventory(model, rules), None, {}
+        config.dense_layers(inv)  # a --prune-only that names nothing of this model: an error before calibrating
         if reconstructs and config.allocation in SCORE_ALLOCATIONS and not config.structure.is_n_m \
                 and config.allocation_score not in NO_STATISTICS:  # the plan needs every layer's scores first
             dense_path = Path(scratch) / "dense-stats.safetensors"
@@ -198,7 +212,8 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
 
 def prune_module(model: nn.Module, target_sparsity: float | None = None, *, stats=None, method: str = "multiflow",
                  allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
-                 dead_layers: str = "keep", rules=None) -> dict:
+                 dead_layers: str = "keep", rules=None, max_layer_sparsity: float | None = None,
+                 prune_only: str = "all") -> dict:
     """Step 3 in memory: zero the pruned weights of `model`'s prunable linears in place; returns the report.
 
     `stats`: {module name: LayerStats}, e.g. `stats_file.from_collector(collector)` after forward passes
@@ -207,4 +222,5 @@ def prune_module(model: nn.Module, target_sparsity: float | None = None, *, stat
     from multiflow.pruning.prune import prune_module as _prune_module
 
     return _prune_module(model, target_sparsity, stats=stats, method=method, allocation=allocation, group=group,
-                         structure=structure, dead_layers=dead_layers, rules=rules)
+                         structure=structure, dead_layers=dead_layers, rules=rules,
+                         max_layer_sparsity=max_layer_sparsity, prune_only=prune_only)

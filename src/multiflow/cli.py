@@ -103,7 +103,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     from multiflow.options import add_arguments
     from multiflow.pruning.config import PruningChoices
 
-    add_arguments(p, PruningChoices, ("method", "allocation", "group", "structure", "dead_layers"))
+    add_arguments(p, PruningChoices, ("method", "allocation", "group", "structure", "dead_layers",
+                                      "max_layer_sparsity", "prune_only"))
     p.add_argument("--output", metavar="DIR", required=True,
                    help="folder for the pruned checkpoint: new, empty, or a previous multiflow output (with "
                         "--overwrite); never the model folder, a folder inside it or one holding it")
@@ -122,6 +123,7 @@ def _deterministic_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from multiflow.distribution.choices import DistributionChoices
     from multiflow.evaluation.retrieval import DEFAULT_CLASS_TEMPLATE
     from multiflow.options import add_arguments
     from multiflow.pruning.config import PruneConfig
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                    help="write a PNG chart next to each JSON (default on; --no-plot to skip)")
     d.add_argument("--all-layers", action="store_true", help="list every layer in the report, not the first and last 5")
+    add_arguments(d, DistributionChoices, ("max_layer_sparsity", "prune_only"))
     d.add_argument("--quiet", action="store_true", help="print only the output paths (no report, no progress bars)")
 
     c = sub.add_parser(
@@ -227,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", "--model_path", dest="model", metavar="PATH",
                    help="model folder to evaluate (default: the bundled demo model)")
     e.add_argument("--reference", metavar="PATH", help="dense model folder to compare against (KL, top-1 agreement)")
+    e.add_argument("--rules", metavar="FILE",
+                   help="the rules file the model was pruned with (renames, image token, prompt), for "
+                        "--model and --reference alike; needed for architectures multiflow does not know")
     e.add_argument("--data", metavar="PATH", help="evaluation data (JSON/JSONL, datasets folder, parquet; text "
                    "for a plain language model, as for calibrate); "
                    "default: the demo model's evaluation split, or the bundled photographs")
@@ -320,6 +326,7 @@ def _output_paths(output: str, targets: list[float]) -> list[tuple[Path, Path]]:
 
 
 def cmd_distribute(args: argparse.Namespace) -> int:
+    from multiflow.distribution.choices import DistributionChoices
     from multiflow.distribution.distribute import distribute
     from multiflow.models import inventory as layers
     from multiflow.reporting.console import render
@@ -335,7 +342,8 @@ def cmd_distribute(args: argparse.Namespace) -> int:
                                  "the --rules file": args.rules}, args.overwrite)
     for note in inv.notes:
         log.warning(note)
-    dists = distribute(inv, args.targets, progress=not args.quiet)
+    choices = DistributionChoices(max_layer_sparsity=args.max_layer_sparsity, prune_only=args.prune_only)
+    dists = distribute(inv, args.targets, progress=not args.quiet, choices=choices)
     with files_together(written, args.overwrite) as temps:  # every JSON with its chart, or nothing
         staged = iter(temps)
         for dist in dists:
@@ -381,6 +389,7 @@ def _prune_config(args: argparse.Namespace, model: Path, stats: Path | None, dis
         model=model, output=output_path(args.output), target_sparsity=args.target, distribution=distribution,
         stats=stats, method=args.method, allocation=args.allocation, group=args.group,
         structure=Structure.parse(args.structure), dead_layers=args.dead_layers,
+        max_layer_sparsity=args.max_layer_sparsity, prune_only=args.prune_only,
         rules=Path(args.rules) if args.rules else None, overwrite=args.overwrite,
         deterministic_report=args.deterministic_report,
     )
@@ -435,7 +444,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model, args.output, args.target, data=_calibration_data(args.data, model), nsamples=args.nsamples, seed=args.seed,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device, include_answers=args.include_answers,
         split_token_types=args.split_token_types, method=args.method, allocation=args.allocation, group=args.group,
-        structure=args.structure, dead_layers=args.dead_layers, rules=args.rules, overwrite=args.overwrite,
+        structure=args.structure, dead_layers=args.dead_layers, max_layer_sparsity=args.max_layer_sparsity,
+        prune_only=args.prune_only, rules=args.rules, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, vision_tower=args.vision_tower, whole_model=args.whole_model,
         samples_per_pass=args.samples_per_pass, device_map=args.device_map, sequential=args.sequential,
         seq_len=args.seq_len, progress=not args.quiet, update=args.update, **obs,
@@ -462,12 +472,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     output = output_path(args.output) if args.output is not None else None
     if output is not None:
         check_file_output(output, {"the --model folder": model, "the --reference folder": args.reference,
-                                   "the --data input": args.data}, args.overwrite)
+                                   "the --data input": args.data, "the --rules file": args.rules}, args.overwrite)
     results = evaluate(EvalConfig(
         model=model, data=Path(args.data) if args.data else _default_eval_data(args.model, model),
         reference=Path(args.reference) if args.reference else None, nsamples=args.nsamples, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len,
+        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len, rules=Path(args.rules) if args.rules else None,
         **({"class_templates": tuple(args.class_templates)} if args.class_templates else {})), progress=not args.quiet)
     if output is not None:
         write_atomic(output, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)

@@ -12,11 +12,14 @@ from multiflow.errors import MultiflowError
 
 
 def option(default: Any = MISSING, *, help: str | Callable[[], str], choices: Any = None,
-           default_factory: Any = MISSING, cli_default: Any = None) -> Any:
+           default_factory: Any = MISSING, cli_default: Any = None, parse: Callable[[str], Any] | None = None,
+           metavar: str | None = None) -> Any:
     """A dataclass field with its CLI help and choices. `cli_default`: the default as the command line spells it
-    (e.g. "unstructured" for a Structure), when it differs from the field's."""
+    (e.g. "unstructured" for a Structure), when it differs from the field's. `parse`: the command line's text to
+    the field's value (argparse's `type`; its errors are usage errors); `metavar`: the value's name in --help."""
     return field(default=default, default_factory=default_factory,
-                 metadata={"help": help, "choices": choices, "cli_default": cli_default})
+                 metadata={"help": help, "choices": choices, "cli_default": cli_default, "parse": parse,
+                           "metavar": metavar})
 
 
 def flag(f: Field) -> str:
@@ -40,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: type, names: Iterable
         f = by_name[name]
         default = f.metadata["cli_default"] if f.metadata.get("cli_default") is not None else f.default
         extra = {"choices": choices_of(f)} if choices_of(f) is not None else {}
+        extra.update({k: f.metadata[m] for k, m in (("type", "parse"), ("metavar", "metavar")) if f.metadata.get(m)})
         parser.add_argument(flag(f), default=default, help=_resolve(f.metadata["help"]), **extra)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -114,16 +115,20 @@ def calibrate(config: CalibrationConfig, progress: bool = True, masker: Masker |
     to_model = {v: k for k, v in loaded.to_inventory_name.items()}
     names = [to_model[layer.name] for layer in inventory.layers]
     aligned = _aligned_pattern(family, loaded)
+    if config.split_token_types:
+        _check_split(aligned, names, loaded, inventory)
     batches = [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
     encode = _encode if head is None else partial(_encode_pairs, head)
     forward = None if head is None else head.calibration_forward
     with collect_statistics(loaded.model, names, aligned, config.split_token_types) as collector, \
             contextlib.ExitStack() as attached:
         if config.whole_model:
-            _whole_model(loaded, batches, collector, config, progress, encode, forward)
+            _whole_model(loaded, batches, collector, config, progress, inventory, encode, forward)
             execution = "whole model"
         else:
             encoded = [_inputs(loaded, b, config.include_answers, encode) for b in batches]
+            for inputs in encoded:
+                _refuse_counted_padding(collector, inputs, config, inventory)
             on_block = None if masker is None else _pruning_step(loaded, collector, set(names), masker)
             if pruner is not None:
                 on_block = attached.enter_context(pruner.attach(loaded, collector, names))
@@ -177,12 +182,13 @@ def _check_output(config: CalibrationConfig) -> None:
 
 
 def _whole_model(loaded, batches: list[list[Sample]], collector, config: CalibrationConfig, progress: bool,
-                 encode=None, forward=None) -> None:
+                 inventory, encode=None, forward=None) -> None:
     """Every batch through the whole model: its own forward, or `forward(model, inputs)` (a retrieval head's)."""
     bar = tqdm(total=sum(len(b) for b in batches), unit="sample", desc="Step 2: calibration", disable=not progress)
     with bar:
         for batch in batches:
             inputs = _inputs(loaded, batch, config.include_answers, encode)
+            _refuse_counted_padding(collector, inputs, config, inventory)
             with collector.batch(inputs["attention_mask"], image_positions(loaded, inputs)), torch.inference_mode():
                 if forward is None:
                     loaded.model(**inputs, use_cache=False)
@@ -207,6 +213,41 @@ def _pruning_step(loaded, collector, names: set[str], masker: Masker):
                         module.weight.masked_fill_(~keep.to(module.weight.device), 0)
 
     return on_block
+
+
+def _rules_fix(inventory, field: str) -> str:
+    """Where the user sets a family field: their rules file's, or a rules file based on the preset."""
+    family = inventory.family
+    if family is not None and family.name.startswith("file:"):
+        return f"add '{field}' to the rules file {family.name.removeprefix('file:')} (README, 'Modality rules')"
+    base = f"'base: {family.name}' and " if family is not None else ""
+    return f"pass --rules FILE with {base}'{field}' (README, 'Modality rules')"
+
+
+def _check_split(aligned: str | None, names: list[str], loaded, inventory) -> None:
+    """--split-token-types needs the language model's layers (aligned_layers) and the image token: never an empty
+    split written silently."""
+    if inventory.family is not None and inventory.family.text_only:
+        raise MultiflowError("--split-token-types splits image-token and text-token positions; a plain language "
+                             "model sees no image tokens: drop it")
+    if not any(aligned and re.search(aligned, n) for n in names):
+        raise MultiflowError("--split-token-types splits the language model's statistics, but no layer is marked "
+                             f"as reading the prompt's tokens: {_rules_fix(inventory, 'aligned_layers')}, a regular "
+                             "expression over the language model's layer names")
+    if loaded.image_token_id is None:
+        raise MultiflowError("--split-token-types needs the image token's id, which config.json does not give: "
+                             f"{_rules_fix(inventory, 'image_token')} (or 'image_token_id')")
+
+
+def _refuse_counted_padding(collector, inputs, config: CalibrationConfig, inventory) -> None:
+    """Padding (batches of prompts of different lengths) is excluded only in the aligned layers: with none, it
+    would be counted in the statistics, so the result would depend on --batch-size. An error naming the fix."""
+    mask = inputs.get("attention_mask")
+    if collector.aligned or mask is None or bool(mask.bool().all()):
+        return
+    raise MultiflowError(f"--batch-size {config.batch_size}: this batch has padding, but no layer is marked as "
+                         "reading the prompt's tokens, so padding positions would be counted in the statistics: "
+                         f"{_rules_fix(inventory, 'aligned_layers')}, or use --batch-size 1")
 
 
 def _aligned_pattern(family, loaded) -> str | None:

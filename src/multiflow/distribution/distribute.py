@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from multiflow.distribution import selection
+from multiflow.distribution.choices import DistributionChoices, cap_counts
 from multiflow.errors import MultiflowError
 from multiflow.models.inventory import Inventory, Layer
 from multiflow.storage.outputs import write_atomic
@@ -184,6 +185,7 @@ def distribute(
     progress: bool = True,
     pooled: bool = False,
     dead: Iterable[str] = (),
+    choices: DistributionChoices | None = None,
 ) -> list[Distribution]:
     """Step 1 for every target at once, from one read of the weights (two for float32).
 
@@ -191,16 +193,21 @@ def distribute(
     "global" ablation). `dead`: layers pruned entirely (their output never
     reaches the model's output); they count toward their group's budget, so
     the live layers of that group carry less sparsity at the same total.
+    `choices` (choices.py): `prune_only` keeps layers dense (pruned 0, outside
+    every threshold: the target applies to the others); `max_layer_sparsity`
+    caps each layer, the excess water-filled over its group (`cap_counts`).
     """
+    choices = choices or DistributionChoices()
     targets = [check_target(t) for t in targets]
     if not targets:
         raise MultiflowError("give at least one target sparsity")
-    dead = set(dead)
+    dense = set(choices.dense_layers(inventory))
+    dead = set(dead) - dense  # a layer kept dense is not zeroed either
     unknown = dead - {l.name for l in inventory.layers}
     if unknown:
         raise MultiflowError(f"dead layer {sorted(unknown)[0]} is not a prunable layer of this model")
     group_of = (lambda layer: "all") if pooled else (lambda layer: layer.modality)
-    live = [l for l in inventory.layers if l.name not in dead]
+    live = [l for l in inventory.layers if l.name not in dead and l.name not in dense]
     groups: dict[str, list[Layer]] = {}
     for layer in live:
         groups.setdefault(group_of(layer), []).append(layer)
@@ -240,6 +247,8 @@ def distribute(
     distributions = []
     for s in targets:
         shares = {l.name: LayerShare(l.modality, l.numel, l.numel) for l in inventory.layers if l.name in dead}
+        shares.update({l.name: LayerShare(l.modality, l.numel, 0) for l in inventory.layers if l.name in dense})
+        capped: list[str] = []
         thresholds = {}
         for m, layers in groups.items():
             space, b = spaces[m], boundaries[(s, m)]
@@ -263,9 +272,20 @@ def distribute(
                 shares[l.name] = LayerShare(l.modality, l.numel, pruned)
             thresholds[m] = {"k": b.k, "threshold": space.value(key), "threshold_key": key,
                              "key_dtype": _dtype_name(space.dtype)}
+            if choices.max_layer_sparsity is not None:
+                where = "all modalities (--allocation global)" if pooled else f"modality {m}"
+                counts = cap_counts([shares[l.name].pruned for l in layers], [l.numel for l in layers],
+                                    choices.max_layer_sparsity, where)
+                for l, count in zip(layers, counts):
+                    capped += [l.name] if count < shares[l.name].pruned else []
+                    shares[l.name] = LayerShare(l.modality, l.numel, count)
         ordered = {l.name: shares[l.name] for l in inventory.layers}
         meta = _meta(inventory, groups)
         meta.update(pooled=pooled, dead_layers=sorted(dead, key=list(ordered).index))
+        if choices.max_layer_sparsity is not None:  # the thresholds are Step 1's before the cap
+            meta.update(max_layer_sparsity=choices.max_layer_sparsity, capped_layers=sorted(capped, key=list(ordered).index))
+        if dense:
+            meta.update(prune_only=choices.prune_only, dense_layers=[n for n in ordered if n in dense])
         distributions.append(Distribution(s, ordered, inventory.rules.modalities, thresholds, meta))
     return distributions
 

@@ -71,6 +71,7 @@ class EvalConfig:
     trust_remote_code: bool = False
     seq_len: int = DEFAULT_SEQ_LEN  # a plain language model: tokens per perplexity window
     class_templates: tuple[str, ...] = (DEFAULT_CLASS_TEMPLATE,)  # a retrieval model: zero-shot class prompts
+    rules: Path | None = None  # a rules file (as for pruning): renames, image token, prompt; also for --reference
 
     def __post_init__(self) -> None:
         for flag, value in (("--nsamples", self.nsamples), ("--batch-size", self.batch_size),
@@ -86,7 +87,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from multiflow.models import inventory as layers
     from multiflow.models.loading import load_model
 
-    family = layers.from_checkpoint(config.model).family
+    inventory = layers.from_checkpoint(config.model, config.rules)
+    family = inventory.family
     if family is not None and family.text_only:
         from multiflow.evaluation.perplexity import evaluate_perplexity
 
@@ -99,11 +101,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     samples = [s for s in samples if s.answer]
     if not samples:
         raise MultiflowError(f"no sample in {report.source} has a reference answer to evaluate against")
-    loaded = load_model(config.model, layers.from_checkpoint(config.model), config.dtype, config.device,
-                        config.trust_remote_code)
+    loaded = load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code)
     reference = None
     if config.reference is not None:
-        reference = load_model(config.reference, layers.from_checkpoint(config.reference), config.dtype,
+        reference = load_model(config.reference, layers.from_checkpoint(config.reference, config.rules), config.dtype,
                                config.device, config.trust_remote_code)
         check_reference(loaded, reference, config.model, config.reference)
     items = []

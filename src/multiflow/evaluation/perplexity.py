@@ -37,7 +37,7 @@ def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
     from multiflow.models import inventory as layers
     from multiflow.models.loading import load_model
 
-    inventory = layers.from_checkpoint(config.model)
+    inventory = layers.from_checkpoint(config.model, config.rules)
     require_data(config.data, "evaluation")  # before loading anything
     check_seq_len(config.seq_len, inventory.config)
     loaded = load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code)
@@ -45,7 +45,7 @@ def evaluate_perplexity(config, progress: bool = True) -> dict[str, Any]:
                                    purpose="evaluation", model_config=inventory.config)
     reference = None
     if config.reference is not None:
-        reference = load_model(config.reference, layers.from_checkpoint(config.reference), config.dtype,
+        reference = load_model(config.reference, layers.from_checkpoint(config.reference, config.rules), config.dtype,
                                config.device, config.trust_remote_code)
         check_reference(loaded, reference, config.model, config.reference)
     sums = {"nll": 0.0, "tokens": 0, "kl": 0.0, "agree": 0}

@@ -188,7 +188,7 @@ def evaluate_retrieval(config, progress: bool = True) -> dict[str, Any]:
             template.format(label="x")
         except (KeyError, IndexError, ValueError) as exc:
             raise MultiflowError(f"--class-template {template!r}: write the class name as {{label}} ({exc})") from None
-    inventory = layers.from_checkpoint(config.model)
+    inventory = layers.from_checkpoint(config.model, config.rules)
     head = retrieval_head(inventory.family)
     samples, report = load_samples(config.data, config.nsamples if config.nsamples else 10**9, config.seed)
     samples = [s for s in samples if s.caption is not None]
@@ -207,8 +207,8 @@ def evaluate_retrieval(config, progress: bool = True) -> dict[str, Any]:
 
     models = {"model": load_model(config.model, inventory, config.dtype, config.device, config.trust_remote_code)}
     if config.reference is not None:
-        models["reference"] = load_model(config.reference, layers.from_checkpoint(config.reference), config.dtype,
-                                         config.device, config.trust_remote_code)
+        models["reference"] = load_model(config.reference, layers.from_checkpoint(config.reference, config.rules),
+                                         config.dtype, config.device, config.trust_remote_code)
         check_reference(models["model"], models["reference"], config.model, config.reference)
     embedded = {}
     bar = tqdm(total=len(models), unit="model", desc="eval: retrieval", disable=not progress)

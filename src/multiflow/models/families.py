@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from multiflow.errors import MultiflowError
+from multiflow.models.prompts import chat_template
 
 RULE_GROUPS = ("vision", "text", "fusion", "skip")  # a rule's group: a modality, or skip (never pruned)
 
@@ -102,7 +103,10 @@ class Family:
     eval), `conversion_renames` mapping this family's module names to that model's. `prompt` is the
     family's prompt for a processor without a chat template (models/prompts.py; default LLaVA-1.5's):
     `{question}` marks the question, and the answer follows after a space, or
-    after `<join>` in a prompt that ends `{question}<join>{answer}` (PaliGemma's).
+    after `<join>` in a prompt that ends `{question}<join>{answer}` (PaliGemma's). A rules file's `prompt`
+    (`prompt_replaces_chat_template`) is used even when the processor has a chat template. `image_token` /
+    `image_token_id` name the image placeholder when config.json does not (a rules file's; presets leave it to
+    config.json).
     """
 
     rules: ModalityRules
@@ -125,6 +129,11 @@ class Family:
     converted_to: str | None = None  # run as this family's transformers model (a converter in models/loading.py)
     conversion_renames: tuple[tuple[str, str], ...] = ()  # this family's names -> the converted model's
     prompt: str | None = None  # the prompt when the processor has no chat template (models/prompts.py)
+    prompt_replaces_chat_template: bool = False  # a rules file's `prompt`: used even when the processor has one
+    # Step 2 and eval: the image placeholder's token, by name or id (when neither is set: config.json's
+    # image_token_id / image_token_index; models/loading.py's `image_token_id`).
+    image_token: str | None = None
+    image_token_id: int | None = None
 
     def vision_tower_name(self, key: str) -> str | None:
         """A separate vision tower folder's key (`--vision-tower`, a CLIP folder) as this family names it, or
@@ -489,13 +498,28 @@ def family_for(config: Mapping[str, Any]) -> Family | None:
     return None
 
 
-def rename(key: str, renames: tuple[tuple[str, str], ...]) -> str | None:
-    """`key` renamed by the first (pattern, replacement) whose pattern matches (`re.sub`, once); None if none does."""
+def rename_key(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """A checkpoint key as the model names it; the one place renames are applied (Step 1's module names, the
+    weights loaded for Step 2 and eval, the in-memory conversion), so that they agree everywhere.
+
+    The first (pattern, replacement) whose pattern is found in the key's module path is applied once (`re.sub`):
+    the module path is the key without its last `.part` (the parameter's own name: `weight`, `bias`, kept as
+    is), or the whole key when it has no dot (a parameter of the model itself, e.g. `image_newline`). So
+    `^vision\\.proj$` renames `vision.proj.weight` and `vision.proj.bias` alike. A prefix written with its dot
+    (`^model\\.norm\\.`) also names the module itself: the path is tried as `model.norm` and as `model.norm.`.
+    Unchanged when no pattern is found.
+    """
+    module, dot, leaf = key.rpartition(".")
+    if not dot:
+        module, leaf = key, ""
     for pattern, replacement in renames:
-        renamed, n = re.subn(pattern, replacement, key, count=1)
-        if n:
-            return renamed
-    return None
+        for subject in (module, module + "."):
+            renamed, n = re.subn(pattern, replacement, subject, count=1)
+            if n:
+                if subject is not module:
+                    renamed = renamed.removesuffix(".")
+                return f"{renamed}.{leaf}" if leaf else renamed
+    return key
 
 
 def family_by_name(name: str) -> Family:
@@ -505,19 +529,151 @@ def family_by_name(name: str) -> Family:
     raise MultiflowError(f"unknown family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
 
 
-def load_rules_file(path: str | Path) -> tuple[ModalityRules, tuple[tuple[str, str], ...]]:
-    """Read a user rules file (YAML or JSON).
+TASKS = ("image-text-to-text", "text-generation", "retrieval")  # Family.task: what runs the model, on what data
+# Rules-file fields: the Family fields a user may set (README, "Modality rules"), plus `base`.
+RULES_FILE_FIELDS = ("base", "modalities", "rules", "renames", "aligned_layers", "image_token", "image_token_id",
+                     "prompt", "task", "retrieval_head", "feature_layer_key", "vision_layer_pattern")
+
+
+def load_rules_file(path: str | Path, detected: Family | None = None) -> Family:
+    """Read a user rules file (YAML or JSON) into a Family: the preset named by `base`, else `detected` (the
+    checkpoint's own preset, None for an unknown architecture), with the file's fields replacing the preset's.
+    Every field is checked here; an error is one line naming the file and the field.
 
     Format::
 
+        base: llava                             # optional: start from this preset
         modalities: [vision, text, fusion]      # optional; report order
-        rules:                                  # ordered, first match wins
+        rules:                                  # ordered, first match wins (optional with a base)
           - {pattern: '^model\\.vision_tower\\.', group: vision}
           - {pattern: 'mm_projector', group: skip, why: keep the projector dense}
-        renames:                                # optional: checkpoint key -> module name
+        renames:                                # optional: checkpoint module path -> module name (rename_key)
           - ['^visual\\.', 'model.visual.']
+        aligned_layers: '^model\\.language_model\\.'   # layers that read the prompt's tokens (padding excluded)
+        image_token: '<image>'                  # or image_token_id: 32000
+        prompt: "USER: <image>\n{question} ASSISTANT:"   # replaces the processor's chat template (Family.prompt)
+        task: image-text-to-text                # or text-generation (a plain causal LM), or retrieval
+        retrieval_head: dual-encoder            # task retrieval: how it embeds (models/retrieval.py)
+        feature_layer_key: vision_feature_layer # dead layers: config key of the vision layer the model reads
+        vision_layer_pattern: '^model\\.vision_tower\\.encoder\\.layers\\.(\\d+)\\.'
     """
     path = Path(path)
+    data = _read_rules_data(path)
+
+    def bad(name: str, what: str) -> MultiflowError:
+        return MultiflowError(f"rules file {path}: '{name}' {what}")
+
+    if not isinstance(data, dict):
+        raise MultiflowError(f"rules file {path} needs a non-empty list under 'rules' (or a 'base' preset)")
+    unknown = [k for k in data if k not in RULES_FILE_FIELDS]
+    if unknown:
+        raise bad(str(unknown[0]), f"is not a rules-file field; known: {', '.join(RULES_FILE_FIELDS)}")
+    start = detected
+    if "base" in data:
+        names = [f.name for f in FAMILIES]
+        if data["base"] not in names:
+            raise bad("base", f"{data['base']!r} is not a preset; known: {', '.join(names)}")
+        start = family_by_name(data["base"])
+    if "rules" in data or start is None:
+        if not isinstance(data.get("rules"), list) or not data["rules"]:
+            raise MultiflowError(f"rules file {path} needs a non-empty list under 'rules'")
+        rules = []
+        for i, item in enumerate(data["rules"]):
+            if not isinstance(item, dict) or "pattern" not in item or "group" not in item:
+                raise MultiflowError(f"rules file {path}: rule {i} needs 'pattern' and 'group'")
+            try:
+                rules.append(Rule(str(item["pattern"]), str(item["group"]), str(item.get("why", ""))))
+            except MultiflowError as exc:
+                raise MultiflowError(f"rules file {path}: {exc}") from None
+        used = _unique(r.group for r in rules if r.group != "skip")
+    else:
+        rules, used = list(start.rules.rules), start.rules.modalities
+    modalities = data.get("modalities") or used
+    if not isinstance(modalities, list | tuple) or not all(isinstance(m, str) for m in modalities):
+        raise bad("modalities", "must be a list of modality names")
+    modalities = tuple(modalities)
+    unknown = [m for m in modalities if m not in RULE_GROUPS or m == "skip"]
+    if unknown or not set(used) <= set(modalities):
+        raise MultiflowError(
+            f"rules file {path}: 'modalities' must list every group the rules use ({', '.join(used)})"
+        )
+    fields: dict[str, Any] = {}
+    if "renames" in data:
+        pairs = data["renames"] or []
+        if not isinstance(pairs, list) or not all(isinstance(p, list | tuple) and len(p) == 2
+                                                  and all(isinstance(x, str) for x in p) for p in pairs):
+            raise bad("renames", "must be a list of [pattern, replacement] pairs of strings")
+        for pattern, _ in pairs:
+            _check_regex(bad, "renames", pattern)
+        fields["renames"] = tuple((a, b) for a, b in pairs)
+    for name in ("aligned_layers", "vision_layer_pattern"):
+        if name in data:
+            if data[name] is not None:
+                _check_regex(bad, name, data[name])
+            fields[name] = data[name]
+    if data.get("vision_layer_pattern") is not None and re.compile(data["vision_layer_pattern"]).groups < 1:
+        raise bad("vision_layer_pattern", "needs a group, (\\d+), that captures the vision layer's index")
+    for name in ("feature_layer_key", "image_token"):
+        if name in data:
+            if data[name] is not None and (not isinstance(data[name], str) or not data[name]):
+                raise bad(name, "must be a non-empty string")
+            fields[name] = data[name]
+    if "image_token_id" in data:
+        value = data["image_token_id"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise bad("image_token_id", f"{value!r} must be a token id (a whole number >= 0)")
+        fields["image_token_id"] = value
+    if data.get("image_token") is not None and data.get("image_token_id") is not None:
+        raise bad("image_token_id", "and 'image_token' both name the image token: give one")
+    if "image_token" in data:  # the file's choice replaces the preset's, whichever way it names the token
+        fields.setdefault("image_token_id", None)
+    elif "image_token_id" in data:
+        fields["image_token"] = None
+    if "prompt" in data:
+        prompt = data["prompt"]
+        if prompt is not None:
+            try:
+                ok = isinstance(prompt, str) and bool(chat_template(prompt))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise bad("prompt", "must be a string with one {question}, and {answer} only at its end "
+                                    "(README, 'Modality rules')")
+        fields["prompt"] = prompt
+        fields["prompt_replaces_chat_template"] = prompt is not None
+    if "task" in data:
+        if data["task"] not in TASKS:
+            raise bad("task", f"{data['task']!r} is not one of {', '.join(TASKS)}")
+        fields["task"] = data["task"]
+    if "retrieval_head" in data:
+        from multiflow.models.retrieval import RETRIEVAL_HEADS
+
+        if data["retrieval_head"] is not None and data["retrieval_head"] not in RETRIEVAL_HEADS:
+            raise bad("retrieval_head", f"{data['retrieval_head']!r} is not one of {', '.join(RETRIEVAL_HEADS)}")
+        fields["retrieval_head"] = data["retrieval_head"]
+    family = replace(start, **fields) if start is not None else Family(rules=ModalityRules("", (), ()), naming="checkpoint",
+                                                                       **fields)
+    if family.task == "retrieval" and family.retrieval_head is None:
+        raise bad("retrieval_head", "is needed with task retrieval: how the model embeds images and texts "
+                                    "(models/retrieval.py's RETRIEVAL_HEADS)")
+    if family.converted_to is not None:
+        for name in ("renames", "aligned_layers"):
+            if name in data:
+                raise bad(name, f"does not apply to a {family.naming} checkpoint: it is converted in memory to "
+                                f"{family.converted_to}'s layout, whose names are fixed; drop it")
+    return replace(family, rules=ModalityRules(f"file:{path.name}", modalities, tuple(rules)))
+
+
+def _check_regex(bad, name: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise bad(name, f"{pattern!r} must be a regular expression (a string)")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise bad(name, f"{pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _read_rules_data(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -526,32 +682,15 @@ def load_rules_file(path: str | Path) -> tuple[ModalityRules, tuple[tuple[str, s
         raise MultiflowError(f"rules file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+            return json.loads(text)
+        import yaml
 
-            data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except Exception as exc:  # json and yaml raise different types
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)  # yaml's, in one line
         reason = (f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark and problem
                   else " ".join(str(exc).split()))
         raise MultiflowError(f"rules file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {reason}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rules"), list) or not data["rules"]:
-        raise MultiflowError(f"rules file {path} needs a non-empty list under 'rules'")
-    rules = []
-    for i, item in enumerate(data["rules"]):
-        if not isinstance(item, dict) or "pattern" not in item or "group" not in item:
-            raise MultiflowError(f"rules file {path}: rule {i} needs 'pattern' and 'group'")
-        rules.append(Rule(str(item["pattern"]), str(item["group"]), str(item.get("why", ""))))
-    used = _unique(r.group for r in rules if r.group != "skip")
-    modalities = tuple(data.get("modalities") or used)
-    unknown = [m for m in modalities if m not in RULE_GROUPS or m == "skip"]
-    if unknown or not set(used) <= set(modalities):
-        raise MultiflowError(
-            f"rules file {path}: 'modalities' must list every group the rules use ({', '.join(used)})"
-        )
-    renames = tuple((str(a), str(b)) for a, b in data.get("renames") or ())
-    return ModalityRules(f"file:{path.name}", modalities, tuple(rules)), renames
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:

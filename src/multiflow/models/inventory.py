@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from multiflow.errors import MultiflowError
-from multiflow.models.families import Family, ModalityRules, Rule, family_for, load_rules_file, rename
+from multiflow.models.families import Family, ModalityRules, Rule, family_for, load_rules_file, rename_key
 from multiflow.storage.checkpoint import TensorEntry, list_tensors, read_config, read_tensors
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -157,25 +157,23 @@ def _refuse_misshapen(rules: ModalityRules, weighted: list[tuple[str, TensorEntr
 
 
 def _resolve_rules(config: dict[str, Any], rules: Any, where: str) -> tuple[ModalityRules, Family | None, tuple]:
-    """Rules from the argument (file path or object) or the family preset of `config`."""
+    """Rules from the argument (a rules file, a Family, a ModalityRules) or the family preset of `config`. A rules
+    file gives a Family of its own (`load_rules_file`: the preset it names or the detected one, its fields
+    replaced), so every later step (renames, aligned layers, image token, prompt, dead layers) reads the file."""
     family = family_for(config)
+    if isinstance(rules, Family):
+        return rules.rules, rules, rules.renames
     if isinstance(rules, ModalityRules):
         return rules, family, family.renames if family else ()
     if rules is not None:
-        loaded, renames = load_rules_file(rules)
-        return loaded, family, renames or (family.renames if family else ())
+        family = load_rules_file(rules, family)
+        return family.rules, family, family.renames
     if family is None:
         raise MultiflowError(
             f"{where}: unknown architecture (model_type {config.get('model_type')!r}, "
             f"architectures {config.get('architectures')}); pass --rules FILE to group its layers by modality"
         )
     return family.rules, family, family.renames
-
-
-def module_name(key: str, renames: tuple[tuple[str, str], ...]) -> str:
-    """A checkpoint key as a module name: the family's (or rules file's) first matching rename, else unchanged."""
-    renamed = rename(key, renames)
-    return key if renamed is None else renamed
 
 
 def from_checkpoint(
@@ -192,7 +190,7 @@ def from_checkpoint(
     naming = family.naming if family else "checkpoint"
     weighted: list[tuple[str, TensorEntry]] = []  # (module name, entry)
     for entry in list_tensors(folder, allow_pickle):
-        weighted.append((module_name(entry.key.removesuffix(".weight"), renames), entry))
+        weighted.append((rename_key(entry.key, renames).removesuffix(".weight"), entry))  # the one rename (families.py)
     notes = []
     if family is not None and family.vision_tower_prefix:
         has_vision = any((rule := ruleset.classify(name)) is not None and rule.group == "vision"
@@ -268,5 +266,5 @@ def from_module(model: nn.Module, rules: str | Path | ModalityRules | None = Non
         for layer in wanted:
             yield layer, layer.handle.detach().cpu()
 
-    naming = family.naming if family else "module"
+    naming = family.naming if family and family.naming != "checkpoint" else "module"
     return Inventory(ruleset, naming, layers, skipped, other, [], None, family, reader, config)

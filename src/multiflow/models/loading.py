@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from multiflow.errors import MultiflowError
-from multiflow.models.families import rename
-from multiflow.models.inventory import Inventory, module_name
+from multiflow.models.families import rename_key
+from multiflow.models.inventory import Inventory
 from multiflow.storage.checkpoint import TensorEntry, check_finite, list_tensors, read_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -155,7 +155,6 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from multiflow.models.processors import load_processor
-    from multiflow.models.prompts import chat_template
 
     folder = Path(folder)
     if dtype not in DTYPES:
@@ -167,8 +166,10 @@ def load_model(
         if device_map is not None:
             raise MultiflowError("--device-map applies to transformers-layout checkpoints; an original-layout LLaVA "
                                  "is converted in memory: use --device")
-        convert = _CONVERTERS[inventory.family.name]
-        return convert(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle, lazy)
+        convert = _CONVERTERS[inventory.family.naming]
+        loaded = convert(folder, inventory, DTYPES[dtype], target, vision_tower, allow_pickle, lazy)
+        use_family_prompt(loaded.processor, inventory.family)
+        return loaded
     text_only = inventory.family is not None and inventory.family.text_only  # a plain causal LM: a tokenizer
     auto_model = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
     if inventory.family is not None and inventory.family.retrieval:  # its own class: no Auto class covers them all
@@ -182,9 +183,8 @@ def load_model(
             f"{folder}: {exc}. Calibration and evaluation need the tokenizer{'' if text_only else ' and preprocessor'} "
             "files next to the weights"
         ) from exc
-    family = inventory.family
-    if not text_only and family is not None and family.prompt and not getattr(processor, "chat_template", None):
-        processor.chat_template = chat_template(family.prompt)  # the family's prompt format (models/prompts.py)
+    if not text_only:
+        use_family_prompt(processor, inventory.family)
     try:
         if lazy:
             from accelerate import init_empty_weights
@@ -195,11 +195,13 @@ def load_model(
                          if hasattr(auto_model, "from_config") else auto_model(config))  # an Auto class, or a class
         else:
             extra = {"device_map": device_map} if device_map else {}
-            model = auto_model.from_pretrained(
+            model, info = auto_model.from_pretrained(
                 folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle,
-                **extra)
+                output_loading_info=True, **extra)
     except (OSError, ValueError) as exc:
         raise MultiflowError(f"cannot load the model from {folder}: {exc}") from exc
+    if not lazy and info.get("missing_keys"):  # keys transformers does not know: the rules file's renames
+        _load_renamed(model, folder, inventory.renames, sorted(info["missing_keys"]), DTYPES[dtype], allow_pickle)
     weights = None
     if lazy:
         weights = _lazy_source(folder, inventory, model, allow_pickle)
@@ -218,11 +220,54 @@ def load_model(
             f"the loaded model has no module named {missing[0]} (and {len(missing) - 1} more): "
             "its layout differs from the checkpoint's"
         )
-    token_id = getattr(model.config, "image_token_id", None)
-    if token_id is None:
-        token_id = getattr(model.config, "image_token_index", None)
-    return LoadedModel(model, processor, target, token_id, {l.name: l.name for l in inventory.layers}, weights,
-                       DTYPES[dtype])
+    return LoadedModel(model, processor, target, image_token_id(inventory.family, model.config, processor),
+                       {l.name: l.name for l in inventory.layers}, weights, DTYPES[dtype])
+
+
+def use_family_prompt(processor: Any, family) -> None:
+    """The family's prompt format (`Family.prompt`) as the processor's chat template (models/prompts.py), when the
+    processor has none, or always for a rules file's `prompt`."""
+    from multiflow.models.prompts import chat_template
+
+    if family is None or not family.prompt:
+        return
+    if family.prompt_replaces_chat_template or not getattr(processor, "chat_template", None):
+        processor.chat_template = chat_template(family.prompt)
+
+
+def image_token_id(family, config: Any, processor: Any) -> int | None:
+    """The image placeholder's token id: the family's (a rules file's `image_token_id`, or its `image_token` looked
+    up in the tokenizer), else config.json's image_token_id / image_token_index; None for a model without one."""
+    if family is not None and family.image_token_id is not None:
+        return family.image_token_id
+    if family is not None and family.image_token is not None:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        found = tokenizer.convert_tokens_to_ids(family.image_token)
+        if found is None or (found == tokenizer.unk_token_id and family.image_token != tokenizer.unk_token):
+            raise MultiflowError(f"image_token {family.image_token!r} of {family.name} is not a token of the "
+                                 "model's tokenizer; give the placeholder the processor inserts (e.g. '<image>'), "
+                                 "or image_token_id")
+        return int(found)
+    token_id = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if token_id is None else token_id
+
+
+def _load_renamed(model: torch.nn.Module, folder: Path, renames, missing: list[str], dtype: torch.dtype,
+                  allow_pickle: bool) -> None:
+    """Parameters transformers found no key for, loaded from the checkpoint keys that `renames` (a rules file's)
+    give their names (`rename_key`, as Step 1 and block-by-block loading do); others are left as transformers
+    left them (it warns)."""
+    params = dict(model.named_parameters())
+    wanted = {name for name in missing if name in params}
+    entries = [(e, n) for e in list_tensors(folder, allow_pickle) if (n := rename_key(e.key, renames)) in wanted]
+    for entry, tensor in read_tensors([e for e, _ in entries]):
+        name = rename_key(entry.key, renames)
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise MultiflowError(f"tensor {entry.key!r} of {entry.file} has shape {list(tensor.shape)}, but the "
+                                 f"model built from config.json expects {list(params[name].shape)} for {name}")
+        value = _cast(tensor, dtype, params[name].device)
+        _check_cast(tensor, value, entry.key, entry.file)
+        set_parameter(model, name, value)
 
 
 def retrieval_class(family, config: dict, folder: Path):
@@ -243,7 +288,7 @@ def _check_loaded(model: torch.nn.Module, folder: Path, renames, allow_pickle: b
         try:
             check_finite(param.detach(), name, folder)
         except MultiflowError:
-            entry = next((e for e in list_tensors(folder, allow_pickle) if module_name(e.key, renames) == name), None)
+            entry = next((e for e in list_tensors(folder, allow_pickle) if rename_key(e.key, renames) == name), None)
             key, file = (entry.key, entry.file) if entry else (name, folder)
             raise MultiflowError(f"tensor {key!r} of {file} holds NaN or inf values as loaded in {param.dtype}; "
                                  "fix or re-download the checkpoint (or choose another --dtype if it overflows)"
@@ -258,7 +303,7 @@ def _lazy_source(folder: Path, inventory: Inventory, model: torch.nn.Module, all
         if entry.begin is None:
             raise MultiflowError(f"{entry.file}: block-by-block loading reads safetensors only; convert the "
                                  "checkpoint to safetensors or pass --whole-model")
-        entries[module_name(entry.key, inventory.renames)] = entry
+        entries[rename_key(entry.key, inventory.renames)] = entry
     # Tied weights (an output head tied to the embeddings) are not in the checkpoint, and a model built on the
     # meta device is not tied yet: read each from its source's tensor (a copy of the entry: one per parameter).
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
@@ -306,7 +351,7 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
 
     family = inventory.family
     config = read_config(folder)
-    sources = [(e, rename(e.key, family.conversion_renames) or e.key) for e in list_tensors(folder, allow_pickle)]
+    sources = [(e, rename_key(e.key, family.conversion_renames)) for e in list_tensors(folder, allow_pickle)]
     clip_folder = Path(vision_tower) if vision_tower else None
     if not any(name.startswith("model.vision_tower.") for _, name in sources):
         if clip_folder is None:
@@ -314,7 +359,7 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
                 f"{folder} is an original-layout LLaVA checkpoint without its vision tower weights (config names "
                 f"{config.get('mm_vision_tower')}); pass --vision-tower PATH to a local copy of that CLIP folder"
             )
-        sources += [(e, rename(name, family.conversion_renames) or name)
+        sources += [(e, rename_key(name, family.conversion_renames))
                     for e in list_tensors(clip_folder, allow_pickle) if (name := family.vision_tower_name(e.key))]
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise MultiflowError(f"{folder}: mm_projector_type {config.get('mm_projector_type')!r} has no transformers "
@@ -382,5 +427,5 @@ def _load_original(folder: Path, inventory: Inventory, dtype: torch.dtype, devic
     return LoadedModel(model, processor, device, llava.image_token_id, mapping, source if lazy else None, dtype)
 
 
-# Families run as another family's transformers model (Family.converted_to): family name -> converter.
+# Layouts run as another family's transformers model (Family.converted_to): Family.naming -> converter.
 _CONVERTERS = {"llava-original": _load_original}

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from multiflow.distribution.choices import DistributionChoices
 from multiflow.distribution.distribute import check_target
 from multiflow.errors import MultiflowError
 from multiflow.options import check_choices, option
@@ -17,6 +18,7 @@ from multiflow.pruning.plan import ALLOCATIONS, SCORE_ALLOCATIONS
 UPDATES = ("none", "obs")  # obs: SparseGPT's weight update after each tile's mask (reconstruction.py, `run` only)
 
 
+CAPPED = ("modality", "global")  # the allocations Step 1's distribution makes: --max-layer-sparsity applies to them
 DEAD_LAYERS = ("keep", "prune")  # keep: prune as any layer (the paper); prune: zero the layers whose output is never used
 
 
@@ -45,9 +47,10 @@ class Structure:
 
 
 @dataclass(frozen=True)
-class PruningChoices:
-    """The choices both configs share: what is pruned and how. Checked against the registries by the configs'
-    `__post_init__`; `update` (PruneConfig's field) is "none" for ModuleConfig."""
+class PruningChoices(DistributionChoices):
+    """The choices both configs share: what is pruned and how (Step 1's `DistributionChoices` among them). Checked
+    against the registries by the configs' `__post_init__`; `update` (PruneConfig's field) is "none" for
+    ModuleConfig."""
 
     target_sparsity: float | None = None
     method: str = option(
@@ -76,6 +79,11 @@ class PruningChoices:
         check_choices(self)  # method, allocation, group, dead_layers (and PruneConfig's update), from the fields
         if self.target_sparsity is not None:
             check_target(self.target_sparsity)
+        self._check_distribution_choices()
+        if self.max_layer_sparsity is not None and (self.structure.is_n_m or self.allocation not in CAPPED):
+            raise MultiflowError(f"--max-layer-sparsity caps Step 1's magnitude distribution: it applies to "
+                                 f"--allocation {' and '.join(CAPPED)} (unstructured), not "
+                                 f"{'--structure ' + str(self.structure) if self.structure.is_n_m else '--allocation ' + self.allocation}")
 
     def _check_dead_layers(self) -> None:
         if self.allocation in SCORE_ALLOCATIONS and self.dead_layers == "prune":
@@ -135,6 +143,11 @@ class PruneConfig(PruningChoices):
         self._check_dead_layers()
         if self.distribution is not None and self.dead_layers == "prune":
             raise MultiflowError("--dead-layers prune recomputes Step 1 with the dead layers counted; drop --distribution")
+        for name, value, default in (("max-layer-sparsity", self.max_layer_sparsity, None),
+                                     ("prune-only", self.prune_only, "all")):
+            if self.distribution is not None and value != default:
+                raise MultiflowError(f"--{name}: the --distribution file already fixes every layer's count (give "
+                                     f"--{name} to multiflow distribute); drop one of them")
 
 
 @dataclass(frozen=True)

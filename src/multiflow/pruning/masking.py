@@ -25,6 +25,8 @@ COMPARISON_GROUPS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 
 def planned_mask(weight: torch.Tensor, layer_plan: LayerPlan, config: PruneConfig, sq_mean: torch.Tensor | None) -> torch.Tensor:
     """The keep-mask of one layer (pure: weight and statistic in, mask out)."""
+    if layer_plan.dense:
+        return torch.ones(weight.shape, dtype=torch.bool)
     if layer_plan.dead:
         return torch.zeros(weight.shape, dtype=torch.bool)
     return _mask_of(layer_score(config.method, weight, sq_mean), layer_plan, config)
@@ -40,6 +42,8 @@ def checked_mask(weight: torch.Tensor, layer_plan: LayerPlan, config: PruneConfi
                  where: Any = None) -> torch.Tensor:
     """`planned_mask`, checked against the plan from the score alone (`masks.mask_violation`): at least k pruned,
     beyond k only ties with the k-th score, never a pruned score above a kept one; N:M exactly N kept per group."""
+    if layer_plan.dense:
+        return torch.ones(weight.shape, dtype=torch.bool)
     if layer_plan.dead:
         return torch.zeros(weight.shape, dtype=torch.bool)
     score = layer_score(config.method, weight, sq_mean)

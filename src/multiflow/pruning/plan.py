@@ -3,7 +3,7 @@ against the model (a --distribution for another model, statistics that do not fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -27,6 +27,7 @@ class LayerPlan:
     k: int  # weights to prune (layer group) or per row (row group); ignored for N:M
     target: float
     dead: bool = False
+    dense: bool = False  # kept dense by --prune-only: k = 0, never masked
     pruned: int = 0
     written: bool = False  # set by Step 3 once its zeros are checked in the bytes written
 
@@ -38,24 +39,36 @@ def plan(config: PruneConfig, inventory: Inventory, progress: bool = True,
          stats: dict[str, LayerStats] | None = None) -> tuple[list[LayerPlan], Distribution | None]:
     """Per-layer pruning counts from the allocation (ALLOCATIONS); validates the distribution against the model.
     `stats` (the score allocations need them unless --method magnitude): {layer name: LayerStats}."""
-    dead = set(inventory.dead_layers()) if config.dead_layers == "prune" else set()
+    dense = set(config.dense_layers(inventory))  # --prune-only (a --distribution file's own: checked in the config)
+    dead = set(inventory.dead_layers()) - dense if config.dead_layers == "prune" else set()
     if config.structure.is_n_m:
         s = config.structure
         for layer in inventory.layers:
-            if layer.shape[1] % s.m:
+            if layer.shape[1] % s.m and layer.name not in dense:
                 raise MultiflowError(f"layer {layer.name} has {layer.shape[1]} inputs, not a multiple of M={s.m} "
                                      f"for --structure {s}")
-        return [LayerPlan(l, 0, 1 - s.n / s.m) for l in inventory.layers], None
+        return [LayerPlan(l, 0, 0.0, dense=True) if l.name in dense else LayerPlan(l, 0, 1 - s.n / s.m)
+                for l in inventory.layers], None
     plans, dist = ALLOCATIONS[config.allocation].plan(config, inventory, stats, progress, dead)
+    if dist is not None:
+        dense |= set(dist.meta.get("dense_layers", ()))
     for p in plans:
         if p.layer.name in dead:
             p.dead, p.k, p.target = True, (p.layer.numel if config.group == "layer" else p.layer.shape[1]), 1.0
+        if p.layer.name in dense:
+            p.dense, p.k, p.target = True, 0, 0.0
     return plans, dist
+
+
+def _pruned_part(config: PruneConfig, inventory: Inventory) -> Inventory:
+    """The inventory without the layers --prune-only keeps dense (the score allocations plan the rest over it)."""
+    dense = set(config.dense_layers(inventory))
+    return replace(inventory, layers=[l for l in inventory.layers if l.name not in dense]) if dense else inventory
 
 
 def _uniform(config: PruneConfig, inventory: Inventory, stats, progress: bool, dead: set[str]) -> _Planned:
     s = check_target(config.target_sparsity)
-    return [LayerPlan(l, _k(config, l, s), s) for l in inventory.layers], None
+    return [LayerPlan(l, _k(config, l, s), s) for l in inventory.layers], None  # plan() zeroes the dense ones' k
 
 
 def _from_distribution(config: PruneConfig, inventory: Inventory, stats, progress: bool, dead: set[str]) -> _Planned:
@@ -68,7 +81,7 @@ def _from_distribution(config: PruneConfig, inventory: Inventory, stats, progres
                                  f"computed for {dist.target_sparsity}")
     else:
         dist = distribute(inventory, [config.target_sparsity], progress, pooled=config.allocation == "global",
-                          dead=dead)[0]
+                          dead=dead, choices=config)[0]
     plans = []
     for l in inventory.layers:
         share = dist.layers[l.name]
@@ -90,12 +103,22 @@ def _score_plans(config: PruneConfig, inventory: Inventory, stats, progress: boo
     def score(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
         return layer_score(name, weight, None if stats is None else stats[layer.name].sq_mean)
 
+    part = _pruned_part(config, inventory)  # the dense layers (plan() marks them) take no share of the target
+    pruned = {l.name for l in part.layers}
     if config.allocation == "scores":
-        counts = allocation.score_counts(inventory, score, s, progress)
-        return [LayerPlan(l, counts[l.name] if config.group == "layer" else _k(config, l, counts[l.name] / l.numel),
-                          counts[l.name] / l.numel) for l in inventory.layers], None
-    sparsities = allocation.owl_sparsities(inventory, score, s)
-    return [LayerPlan(l, _k(config, l, sparsities[l.name]), sparsities[l.name]) for l in inventory.layers], None
+        counts = allocation.score_counts(part, score, s, progress)
+    else:
+        sparsities = allocation.owl_sparsities(part, score, s)
+    plans = []
+    for l in inventory.layers:
+        if l.name not in pruned:
+            plans.append(LayerPlan(l, 0, 0.0))
+        elif config.allocation == "scores":
+            plans.append(LayerPlan(l, counts[l.name] if config.group == "layer" else
+                                   _k(config, l, counts[l.name] / l.numel), counts[l.name] / l.numel))
+        else:
+            plans.append(LayerPlan(l, _k(config, l, sparsities[l.name]), sparsities[l.name]))
+    return plans, None
 
 
 @dataclass(frozen=True)
@@ -153,6 +176,8 @@ def check_stats(stats: dict[str, LayerStats], inventory: Inventory, where: Path)
 def planned_count(p: LayerPlan, config: PruneConfig) -> int:
     """The fewest weights the plan prunes in this layer (ties with the k-th score can add more, N:M cannot)."""
     rows, cols = p.layer.shape
+    if p.dense:
+        return 0
     if p.dead:
         return rows * cols
     if config.structure.is_n_m:

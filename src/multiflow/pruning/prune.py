@@ -27,7 +27,8 @@ from multiflow.storage.stats_file import LayerStats, load_stats
 
 def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats: dict[str, LayerStats] | None = None,
                  method: str = "multiflow", allocation: str = "modality", group: str = "layer",
-                 structure: str = "unstructured", dead_layers: str = "keep", rules=None) -> dict[str, Any]:
+                 structure: str = "unstructured", dead_layers: str = "keep", rules=None,
+                 max_layer_sparsity: float | None = None, prune_only: str = "all") -> dict[str, Any]:
     """Step 3 on an nn.Module in memory: zero the pruned weights of its prunable nn.Linear layers in place.
 
     The same allocation (Step 1 on the module's own weights), scores and masks as `prune` on a
@@ -36,7 +37,8 @@ def prune_module(model: torch.nn.Module, target_sparsity: float | None, *, stats
     Returns the report (`prune`'s fields without the file ones).
     """
     config = ModuleConfig(target_sparsity=target_sparsity, method=method, allocation=allocation, group=group,
-                          structure=Structure.parse(structure), dead_layers=dead_layers)
+                          structure=Structure.parse(structure), dead_layers=dead_layers,
+                          max_layer_sparsity=max_layer_sparsity, prune_only=prune_only)
     needs_stats = config.needs_statistics
     inventory = layers_mod.from_module(model, rules)
     if needs_stats:

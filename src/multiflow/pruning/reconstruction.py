@@ -106,6 +106,8 @@ class SparseGPTStep:
         for name in here:
             layer_name = loaded.to_inventory_name[name]
             p = self.plans[layer_name]
+            if p.dense:  # --prune-only keeps it: no mask, no update
+                continue
             module = loaded.model.get_submodule(name)
             if p.dead:
                 new = torch.zeros(module.weight.shape, dtype=p.layer.dtype)
@@ -138,6 +140,8 @@ class SparseGPTStep:
 
     def updated(self, layer_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Step 3: write the layer's updated weights into `tensor` (its checkpoint tensor); returns its keep mask."""
+        if self.plans[layer_name].dense:
+            return torch.ones(tensor.shape, dtype=torch.bool)
         path = self.files.get(layer_name)
         if path is None:
             raise MultiflowError(f"{self.flag}: layer {layer_name} was never pruned (no calibration batch "

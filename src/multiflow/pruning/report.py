@@ -42,7 +42,7 @@ def check_achieved(plans: list[LayerPlan], config: PruneConfig, report: dict[str
         name, need = p.layer.name, planned_count(p, config)
         if not p.written:
             raise MultiflowError(f"layer {name} was not found in the files written")
-        exact = p.dead or config.structure.is_n_m
+        exact = p.dead or p.dense or config.structure.is_n_m
         if p.pruned < need or (exact and p.pruned != need) or p.pruned > p.layer.numel:
             raise MultiflowError(f"layer {name}: {p.pruned} weights pruned, the plan says "
                                  f"{'exactly' if exact else 'at least'} {need}")
@@ -79,7 +79,8 @@ def build_report(config, inventory, plans, dist, calibration, digest) -> dict[st
     per_layer = {
         p.layer.name: {"modality": p.layer.modality, "numel": p.layer.numel, "target_sparsity": p.target,
                        "achieved_sparsity": p.pruned / p.layer.numel, "pruned": p.pruned,
-                       "kept": p.layer.numel - p.pruned, **({"dead": True} if p.dead else {})}
+                       "kept": p.layer.numel - p.pruned, **({"dead": True} if p.dead else {}),
+                       **({"dense": True} if p.dense else {})}
         for p in plans
     }
     totals = {}
@@ -109,8 +110,24 @@ def build_report(config, inventory, plans, dist, calibration, digest) -> dict[st
         "global": {"layers": len(plans), "params": n_all, "pruned": pruned_all,
                    "achieved_sparsity": pruned_all / n_all if n_all else 0.0},
         "modalities": totals,
+        **_choices_fields(config, plans),
         "layers": per_layer,
         "skipped": [{"name": name, "params": numel, "why": rule.why or rule.pattern}
                     for name, numel, rule in inventory.skipped],
         "notes": notes,
     }
+
+
+def _choices_fields(config, plans: list[LayerPlan]) -> dict[str, Any]:
+    """Step 1's choices: the cap, and with --prune-only the layers kept dense and the sparsity of the pruned part
+    (the target's; "global" stays the sparsity over every prunable layer)."""
+    out: dict[str, Any] = {"max_layer_sparsity": config.max_layer_sparsity, "prune_only": config.prune_only}
+    dense = [p for p in plans if p.dense]
+    if dense:
+        part = [p for p in plans if not p.dense]
+        n, pruned = sum(p.layer.numel for p in part), sum(p.pruned for p in part)
+        out["kept_dense"] = {"layers": len(dense), "params": sum(p.layer.numel for p in dense),
+                             "modalities": sorted({p.layer.modality for p in dense})}
+        out["pruned_part"] = {"layers": len(part), "params": n, "pruned": pruned,
+                              "achieved_sparsity": pruned / n if n else 0.0}
+    return out

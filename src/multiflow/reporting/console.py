@@ -41,6 +41,26 @@ def modality_table(dist: Distribution) -> list[str]:
     return _table(rows, {1, 2, 3})
 
 
+def _choices_lines(dist: Distribution) -> list[str]:
+    """Step 1's --prune-only and --max-layer-sparsity, and what they did, in words."""
+    meta, lines = dist.meta, []
+    dense = set(meta.get("dense_layers") or ())
+    if dense:
+        numel = sum(s.numel for n, s in dist.layers.items() if n in dense)
+        total = sum(s.numel for s in dist.layers.values())
+        pruned = sum(s.pruned for s in dist.layers.values())
+        lines.append(f"--prune-only {meta.get('prune_only')}: {len(dense)} layers ({numel:,} parameters) kept dense; "
+                     f"the target applies to the other {total - numel:,} parameters "
+                     f"({_pct(pruned / (total - numel)).strip() if total > numel else '-'} pruned), "
+                     f"{_pct(pruned / total).strip()} of all prunable parameters")
+    if meta.get("max_layer_sparsity") is not None:
+        capped = meta.get("capped_layers") or []
+        lines.append(f"--max-layer-sparsity {meta['max_layer_sparsity']:g}: {len(capped)} layers held at the cap, "
+                     "the rest of their modality's target spread over its other layers (thresholds below: before "
+                     "the cap)")
+    return lines
+
+
 def render(dist: Distribution, all_layers: bool = False, edge: int = 5) -> str:
     """The report for one target sparsity."""
     out = io.StringIO()
@@ -52,6 +72,8 @@ def render(dist: Distribution, all_layers: bool = False, edge: int = 5) -> str:
     w(RULE)
     for note in meta.get("notes", []):
         w(f"NOTE: {note}")
+    for line in _choices_lines(dist):
+        w(line)
     w()
     w("Prunable parameters by modality")
     for line in modality_table(dist):
@@ -62,7 +84,8 @@ def render(dist: Distribution, all_layers: bool = False, edge: int = 5) -> str:
             continue
         t = dist.thresholds.get(m, {})
         w()
-        thr = "nothing pruned (k = 0)" if t.get("threshold") is None else f"threshold |W| <= {t['threshold']:.6g}, k = {t['k']:,}"
+        thr = ("all layers kept dense (--prune-only)" if not t else "nothing pruned (k = 0)"
+               if t.get("threshold") is None else f"threshold |W| <= {t['threshold']:.6g}, k = {t['k']:,}")
         w(f"{m.upper()}: {thr}")
         shares = list(dist.modality_layers(m).items())
         shown = shares if all_layers or len(shares) <= 2 * edge else shares[:edge] + [None] + shares[-edge:]
@@ -210,6 +233,13 @@ def render_prune(report: dict, edge: int = 5) -> str:
     w(RULE)
     for note in report.get("notes", []):
         w(f"NOTE: {note}")
+    if report.get("kept_dense"):
+        dense, part = report["kept_dense"], report["pruned_part"]
+        w(f"--prune-only {report['prune_only']}: {dense['layers']} layers ({dense['params']:,} parameters) kept "
+          f"dense; the pruned layers reach {_pct(part['achieved_sparsity']).strip()}, all prunable layers "
+          f"{_pct(report['global']['achieved_sparsity']).strip()} (GLOBAL below)")
+    if report.get("max_layer_sparsity") is not None:
+        w(f"--max-layer-sparsity {report['max_layer_sparsity']:g}: no layer above it")
     rows = [["Modality", "Layers", "Parameters", "Pruned", "Sparsity"]]
     for m, t in report["modalities"].items():
         rows.append([m.upper(), str(t["layers"]), f"{t['params']:,}", f"{t['pruned']:,}", _pct(t["achieved_sparsity"])])
@@ -226,7 +256,8 @@ def render_prune(report: dict, edge: int = 5) -> str:
             rows.append([f"... {len(items) - 2 * edge} more layers (multiflow_report.json lists all) ...", "", "", ""])
             continue
         name, info = item
-        rows.append([name + (" (dead)" if info.get("dead") else ""), _pct(info["target_sparsity"]),
+        rows.append([name + (" (dead)" if info.get("dead") else " (dense)" if info.get("dense") else ""),
+                     _pct(info["target_sparsity"]),
                      _pct(info["achieved_sparsity"]), f"{info['kept']:,}"])
     for line in _table(rows, {1, 2, 3}):
         w(line)
