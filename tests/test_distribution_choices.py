@@ -5,6 +5,7 @@ then Step 1, the CLI and the Python API on a tiny LLaVA."""
 import json
 import math
 import random
+import re
 from fractions import Fraction
 
 import pytest
@@ -15,6 +16,7 @@ import multiflow
 from multiflow.cli import main
 from multiflow.distribution.choices import DistributionChoices, cap_counts
 from multiflow.errors import MultiflowError
+from multiflow.models import inventory as layers
 
 
 def reference_shares(pruned, numel, cap):
@@ -231,3 +233,59 @@ def test_step1_choices_are_defined_once():
                                                 ).max_layer_sparsity == 0.9  # parsed to a number by the field's parse
     parameters = inspect.signature(multiflow.compute_distributions).parameters
     assert all(parameters[f.name].default == f.default for f in options)
+
+
+def _tree(names: list[str]) -> torch.nn.Module:
+    """A module whose nn.Linear layers (4 x 4) have these names."""
+    root = torch.nn.Module()
+    for name in names:
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, torch.nn.Linear(4, 4))
+    return root
+
+
+@pytest.mark.parametrize("preset,names,dense", [
+    ("mllama", ["model.vision_model.layers.0.fc1", "model.multi_modal_projector",
+                "model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.1.cross_attn.q_proj",
+                "model.language_model.layers.1.cross_attn.k_proj", "model.language_model.layers.1.cross_attn.v_proj"],
+     ["model.vision_model.layers.0.fc1", "model.multi_modal_projector"]),
+    ("blip-2", ["vision_model.encoder.layers.0.mlp.fc1", "qformer.encoder.layer.0.attention.attention.query",
+                "language_projection", "language_model.encoder.block.0.layer.0.SelfAttention.q",
+                "language_model.decoder.block.0.layer.1.EncDecAttention.k"],
+     ["vision_model.encoder.layers.0.mlp.fc1", "qformer.encoder.layer.0.attention.attention.query",
+      "language_projection"]),
+])
+def test_prune_only_language_model_takes_every_language_model_layer(preset, names, dense):
+    """--prune-only language-model is the language model's layers (`Family.language_layers`), also those whose
+    inputs are not the prompt's positions (Mllama's cross-attention keys / values, BLIP-2's T5 decoder), which
+    `aligned_layers` leaves out."""
+    from multiflow.distribution.choices import dense_layers
+    from multiflow.models.families import family_by_name
+
+    family = family_by_name(preset)
+    inv = layers.from_module(_tree(names), family)
+    assert sorted(l.name for l in inv.layers) == sorted(names)  # every one prunable
+    assert any(not re.search(family.aligned_layers, n) for n in names if n not in dense)
+    assert sorted(dense_layers(inv, "language-model")) == sorted(dense)
+
+
+def test_prune_only_language_model_from_a_rules_file(tmp_path):
+    from multiflow.distribution.choices import dense_layers
+    from multiflow.models.families import load_rules_file
+
+    names = ["vision.fc", "lm.block.0.fc", "lm.head_proj"]
+    rules = "rules: [{pattern: '^vision', group: vision}, {pattern: '^lm', group: fusion}]\n"
+    (tmp_path / "none.yaml").write_text(rules)
+    with pytest.raises(MultiflowError, match="add 'language_layers' \\(or 'aligned_layers'\\) to the rules file"):
+        dense_layers(layers.from_module(_tree(names), load_rules_file(tmp_path / "none.yaml")), "language-model")
+    (tmp_path / "lm.yaml").write_text(rules + "aligned_layers: '^lm\\.block\\.'\nlanguage_layers: '^lm\\.'\n")
+    family = load_rules_file(tmp_path / "lm.yaml")
+    assert dense_layers(layers.from_module(_tree(names), family), "language-model") == ["vision.fc"]
+    (tmp_path / "aligned.yaml").write_text(rules + "aligned_layers: '^lm\\.block\\.'\n")
+    family = load_rules_file(tmp_path / "aligned.yaml")
+    assert dense_layers(layers.from_module(_tree(names), family), "language-model") == ["vision.fc", "lm.head_proj"]

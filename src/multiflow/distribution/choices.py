@@ -48,9 +48,10 @@ class DistributionChoices:
     prune_only: str = option(
         "all", metavar="PARTS",
         help=f"prune only these parts, keep the rest dense: all (default), a comma list of modalities "
-             f"(vision, text, fusion), or {LANGUAGE_MODEL} = the layers of the family's language model (those "
-             f"that read the prompt's tokens: LLaVA's and Qwen2-VL's decoder layers, while vision tower and "
-             f"projector stay dense; in LLaVA presets the decoder layers and the projector are both 'fusion'). "
+             f"(vision, text, fusion), or {LANGUAGE_MODEL} = the layers of the family's language model (LLaVA's "
+             f"and Qwen2-VL's decoder layers, Mllama's cross-attention layers with them, BLIP-2's OPT or T5, "
+             f"while vision tower and projector stay dense; in LLaVA presets the decoder layers and the projector "
+             f"are both 'fusion'). "
              f"The target applies to the pruned layers; the overall sparsity is reported over all layers")
 
     def _check_distribution_choices(self) -> None:
@@ -86,10 +87,11 @@ def dense_layers(inventory: Inventory, prune_only: str) -> list[str]:
                              f"{inventory.rules.name!r} ({', '.join(modalities)}) nor {LANGUAGE_MODEL}")
     pattern = None
     if LANGUAGE_MODEL in parts:
-        pattern = inventory.family.aligned_layers if inventory.family is not None else None
+        pattern = inventory.family.language_model if inventory.family is not None else None
         if pattern is None:
             raise MultiflowError(f"--prune-only {LANGUAGE_MODEL}: the rules {inventory.rules.name!r} do not say "
-                                 "which layers are the language model's: add 'aligned_layers' to the rules file "
+                                 "which layers are the language model's: add 'language_layers' (or "
+                                 "'aligned_layers') to the rules file "
                                  "(README, 'Modality rules'), or name modalities")
     pruned = {l.name for l in inventory.layers if l.modality in parts or (pattern and re.search(pattern, l.name))}
     if not pruned:

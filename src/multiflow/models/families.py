@@ -92,7 +92,8 @@ class Family:
     `vision_tower_prefix`, when set, is where the weights of a separate CLIP
     folder (`--vision-tower`) are placed (`vision_tower_name`). `aligned_layers` selects the layers
     whose inputs line up with the prompt's token positions (padding and image
-    tokens are told apart there in Step 2). `task` says which transformers Auto class runs the model
+    tokens are told apart there in Step 2); `language_layers`, where it differs, selects the language model's
+    layers for `--prune-only language-model` (default: the aligned ones). `task` says which transformers Auto class runs the model
     and what its inputs are: "image-text-to-text" (images and prompts, a processor),
     "text-generation" (a plain causal LM: text only, a tokenizer) or "retrieval" (an image-text
     embedding model, CLIP-like: image-caption pairs through both towers, the class named in the config's
@@ -120,6 +121,8 @@ class Family:
     vision_tower_strip: str = "vision_model."  # prefix of the separate folder's own keys, replaced by the prefix
     vision_tower_skip: str = r"^(text_model\.|text_projection|visual_projection|logit_scale)"  # not vision weights
     aligned_layers: str | None = None  # layers whose inputs line up with the prompt's tokens (Step 2)
+    # --prune-only language-model: the language model's layers, where they are not all aligned (default: aligned)
+    language_layers: str | None = None
     # Dead layers: vision layers past the one whose output the model reads (config key), by index.
     feature_layer_key: str | None = None
     vision_layer_pattern: str | None = None  # regex whose group 1 is the vision layer index
@@ -146,6 +149,12 @@ class Family:
     def text_only(self) -> bool:
         """A plain language model: calibrated and evaluated on text, without images."""
         return self.task == "text-generation"
+
+    @property
+    def language_model(self) -> str | None:
+        """Regex of the language model's layers (--prune-only language-model): `language_layers`, else the
+        aligned layers (those that read the prompt's tokens)."""
+        return self.language_layers or self.aligned_layers
 
     @property
     def retrieval(self) -> bool:
@@ -375,6 +384,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         # the cross-attention keys and values read the image features, not the prompt's positions
         aligned_layers=r"^model\.language_model\.layers\.\d+\.(?!cross_attn\.[kv]_proj$)",
+        language_layers=r"^model\.language_model\.",  # the cross-attention layers too
         prompt="<|image|>{question}",
     ),
     # BLIP-2: ViT, then a Q-Former whose learned queries cross-attend the image features; their outputs,
@@ -394,6 +404,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("blip-2",),
         architectures=("Blip2ForConditionalGeneration",),
         aligned_layers=r"^language_model\.(model\.decoder|encoder)\.",  # T5's decoder runs on the answer only
+        language_layers=r"^language_model\.",  # T5's decoder too
         prompt="Question: {question} Answer:",  # the processor puts the query tokens in front
     ),
     *_LLAVA_LIKE,
@@ -407,6 +418,7 @@ FAMILIES: tuple[Family, ...] = (
         ],
         architectures=("BlipForImageTextRetrieval",),
         aligned_layers=r"^text_encoder\.(?!.*\.crossattention\.self\.(key|value)$)",
+        language_layers=r"^text_encoder\.",  # its cross-attention too
         task="retrieval",
         retrieval_head="blip-itc",
     ),
@@ -471,6 +483,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("vision-text-dual-encoder",),
         architectures=("VisionTextDualEncoderModel",),
         aligned_layers=r"^text_model\.encoder\.",  # the pooler reads the [CLS] state only: no token positions
+        language_layers=r"^text_model\.",  # the pooler too
         task="retrieval",
         retrieval_head="dual-encoder",
     ),
@@ -531,7 +544,8 @@ def family_by_name(name: str) -> Family:
 
 TASKS = ("image-text-to-text", "text-generation", "retrieval")  # Family.task: what runs the model, on what data
 # Rules-file fields: the Family fields a user may set (README, "Modality rules"), plus `base`.
-RULES_FILE_FIELDS = ("base", "modalities", "rules", "renames", "aligned_layers", "image_token", "image_token_id",
+RULES_FILE_FIELDS = ("base", "modalities", "rules", "renames", "aligned_layers", "language_layers", "image_token",
+                     "image_token_id",
                      "prompt", "task", "retrieval_head", "feature_layer_key", "vision_layer_pattern")
 
 
@@ -550,6 +564,7 @@ def load_rules_file(path: str | Path, detected: Family | None = None) -> Family:
         renames:                                # optional: checkpoint module path -> module name (rename_key)
           - ['^visual\\.', 'model.visual.']
         aligned_layers: '^model\\.language_model\\.'   # layers that read the prompt's tokens (padding excluded)
+        language_layers: '^model\\.language_model\\.'  # --prune-only language-model (default: aligned_layers)
         image_token: '<image>'                  # or image_token_id: 32000
         prompt: "USER: <image>\n{question} ASSISTANT:"   # replaces the processor's chat template (Family.prompt)
         task: image-text-to-text                # or text-generation (a plain causal LM), or retrieval
@@ -606,7 +621,7 @@ def load_rules_file(path: str | Path, detected: Family | None = None) -> Family:
         for pattern, _ in pairs:
             _check_regex(bad, "renames", pattern)
         fields["renames"] = tuple((a, b) for a, b in pairs)
-    for name in ("aligned_layers", "vision_layer_pattern"):
+    for name in ("aligned_layers", "language_layers", "vision_layer_pattern"):
         if name in data:
             if data[name] is not None:
                 _check_regex(bad, name, data[name])
