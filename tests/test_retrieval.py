@@ -333,3 +333,29 @@ def test_eval_is_deterministic(tiny):
     runs = [evaluate(EvalConfig(model=tiny / "blip", data=tiny / "caps.jsonl"), progress=False) for _ in range(2)]
     assert runs[0] == runs[1]
     assert [i["image"] for i in runs[0]["items"]] == list(range(12))  # 12 distinct digit images, one caption each
+
+
+def test_rules_file_renames_reach_retrieval_eval_and_split_is_refused(tiny, tmp_path):
+    """A retrieval checkpoint whose projections are stored under other keys evaluates as the original with the
+    rules file's renames (eval --rules, as for pruning); --split-token-types is refused for a retrieval model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    renamed = tmp_path / "clip-renamed"
+    shutil.copytree(tiny / "clip", renamed)
+    tensors = load_file(renamed / "model.safetensors")
+    moved = {"visual_projection.weight": "vis_proj.weight", "text_projection.weight": "txt_proj.weight"}
+    assert set(moved) <= set(tensors)
+    save_file({moved.get(k, k): v for k, v in tensors.items()}, str(renamed / "model.safetensors"),
+              metadata={"format": "pt"})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("base: clip\nrenames: [['^vis_proj$', 'visual_projection'], ['^txt_proj$', 'text_projection']]\n")
+    config = dict(data=tiny / "caps.jsonl", nsamples=6)
+    plain = evaluate(EvalConfig(model=tiny / "clip", **config), progress=False)
+    by_rules = evaluate(EvalConfig(model=renamed, rules=rules, **config), progress=False)
+    assert by_rules["items"] == plain["items"] and by_rules["text_to_image"] == plain["text_to_image"]
+    with pytest.raises(MultiflowError, match="a retrieval model reads images and texts in separate towers"):
+        multiflow.calibrate(tiny / "clip", tmp_path / "s.safetensors", data=tiny / "caps.jsonl", nsamples=2,
+                            split_token_types=True)
+    assert not (tmp_path / "s.safetensors").exists()

@@ -230,6 +230,9 @@ def _check_split(aligned: str | None, names: list[str], loaded, inventory) -> No
     if inventory.family is not None and inventory.family.text_only:
         raise MultiflowError("--split-token-types splits image-token and text-token positions; a plain language "
                              "model sees no image tokens: drop it")
+    if inventory.family is not None and inventory.family.retrieval:
+        raise MultiflowError("--split-token-types splits image-token and text-token positions of one sequence; a "
+                             "retrieval model reads images and texts in separate towers: drop it")
     if not any(aligned and re.search(aligned, n) for n in names):
         raise MultiflowError("--split-token-types splits the language model's statistics, but no layer is marked "
                              f"as reading the prompt's tokens: {_rules_fix(inventory, 'aligned_layers')}, a regular "
