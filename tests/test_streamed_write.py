@@ -282,3 +282,25 @@ def test_step_1_runs_once_in_run_and_never_with_a_distribution(checkpoints, tmp_
         calls.clear()
         multiflow.run(demo_folder, tmp_path / f"run-{sequential}", 0.5, data=jsonl, nsamples=2, sequential=sequential)
         assert calls == [1], sequential
+
+
+@pytest.mark.unit
+def test_the_numba_passes_give_the_same_on_any_number_of_slices(monkeypatch):
+    """kth_smallest and zero_at_or_below cut their passes into one slice per thread: 1, 2 or 3 slices (odd
+    sizes) give the same k-th value, the same bits and the same counts."""
+    from multiflow.pruning import masks
+
+    g = torch.Generator().manual_seed(1)
+    weight = ((torch.randn(1201, 997, generator=g) * 8).round() / 8).to(torch.bfloat16)
+    score = weight.float().abs()
+    monkeypatch.setattr(masks, "_SLICE", 1 << 18)
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        got = weight.clone()
+        t = masks.kth_smallest(score, 400_000)
+        results.append((float(t), masks.zero_at_or_below(got, score, t), got.view(torch.int16)))
+    assert results[0][0] == float(torch.kthvalue(score.reshape(-1), 400_000).values)
+    for t, zeroed, bits in results[1:]:
+        assert t == results[0][0] and zeroed == results[0][1] and torch.equal(bits, results[0][2])
+    assert results[0][1].pruned >= 400_000 > results[0][1].below
