@@ -3,8 +3,9 @@
 The output keeps the input's files, keys, dtypes and sharding: each safetensors
 file is copied header first, then tensor by tensor, prunable weights zeroed by
 their mask. A few tensors are held at a time (read ahead, being masked, being
-written), so a 7B model never needs two copies in memory, and the folder loads with `from_pretrained` exactly as the input did
-(original-layout LLaVA stays in its own layout). The zeros written are counted.
+written), so a 7B model never needs two copies in memory, and the folder loads
+with `from_pretrained` exactly as the input did (original-layout LLaVA stays in
+its own layout). The zeros written are counted.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def _prune_tensor(raw: torch.Tensor, tensor: torch.Tensor, entry, p: LayerPlan, 
                   updated, workspace: torch.Tensor) -> None:
     """Zero the pruned weights of one prunable tensor in place (its bytes `raw`), count and check them."""
     sq_mean = stats[p.layer.name].sq_mean if stats else None
-    zeroed = None if updated is not None else zero_in_place(tensor, p, config, sq_mean, entry.file,
-                                                                workspace)
+    zeroed = None
+    if updated is None:
+        zeroed = zero_in_place(tensor, p, config, sq_mean, entry.file, workspace)
     if zeroed is not None:
         p.pruned = zeroed.pruned
     else:
@@ -115,8 +117,9 @@ def _prune_tensor(raw: torch.Tensor, tensor: torch.Tensor, entry, p: LayerPlan, 
 
 
 class _Writer:
-    """One thread writing buffers to their files in the order given; `write` waits while more than `queued`
-    writes wait their turn. A write's error is raised by a later `write` or `drain` (or on leaving)."""
+    """One thread writing buffers to their files in the order given, each buffer released once written; `write`
+    returns once at most `queued` writes wait behind the one under way. A write's error is raised by a later
+    `write` or `drain` (or on leaving)."""
 
     def __init__(self, queued: int):
         self.queued = max(0, queued)
