@@ -275,18 +275,26 @@ def write_processor(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global T_LAYERS, V_LAYERS, T_VOCAB  # --text-layers etc.: a smaller model of the same shape
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, in 10^9 bytes (default 5)")
     ap.add_argument("--threads", type=int, default=2, help="tensors generated in parallel (default 2)")
     ap.add_argument("--force", action="store_true", help="regenerate even if the folder is complete")
+    ap.add_argument("--text-layers", type=int, default=T_LAYERS,
+                    help=f"decoder layers (default {T_LAYERS}; fewer: a smaller LLaVA-shaped checkpoint for quick runs)")
+    ap.add_argument("--vision-layers", type=int, default=V_LAYERS, help=f"CLIP layers (default {V_LAYERS})")
+    ap.add_argument("--vocab", type=int, default=T_VOCAB, help=f"vocabulary rows of embed_tokens and lm_head "
+                    f"(default {T_VOCAB}; no processor files are written with another value)")
     ap.add_argument("--verify-with-transformers", action="store_true",
                     help="also check keys/shapes against transformers' LlavaForConditionalGeneration (meta device)")
     args = ap.parse_args(argv)
+    full = (args.text_layers, args.vision_layers, args.vocab) == (T_LAYERS, V_LAYERS, T_VOCAB)
+    T_LAYERS, V_LAYERS, T_VOCAB = args.text_layers, args.vision_layers, args.vocab
 
     specs = tensor_specs()
-    total = check_counts(specs)
+    total = check_counts(specs) if full else sum(numel(s) for _, s in specs)
     total_bytes = total * 2
     print(f"total parameters: {total:,} ({total_bytes / 1e9:.2f} GB fp16, {len(specs)} tensors)")
     if args.verify_with_transformers:
@@ -297,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out_dir
     if not args.force and is_complete(out, shards, total_bytes):
         print(f"{out} is already complete ({n} shards); pass --force to regenerate")
-        write_processor(out)
+        if T_VOCAB == 32064:
+            write_processor(out)
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, index_path)
     print(f"wrote {out}: {n} shards, {total:,} parameters, {total_bytes / 1e9:.2f} GB "
           f"in {time.perf_counter() - t_all:.1f} s (generate {t_gen:.1f} s, write {t_write:.1f} s)")
-    write_processor(out)
+    if T_VOCAB == 32064:  # the processor's tokenizer is padded to this vocabulary
+        write_processor(out)
     return 0
 
 

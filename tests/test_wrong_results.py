@@ -184,22 +184,28 @@ def test_mask_check_accepts_exactly_the_documented_masks():
     assert "NaN" in masks.mask_violation(nan, masks.layer_mask(score, 3), 3)
 
 
-def test_a_mask_that_breaks_the_plan_is_an_error_and_nothing_is_written(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group", ["layer", "row"])
+def test_a_mask_that_breaks_the_plan_is_an_error_and_nothing_is_written(tiny, tmp_path, monkeypatch, group):
+    """layer: the one-pass zeroing at a threshold one score too high (the (k+1)-th smallest); row: a mask
+    that prunes one weight more (checked_mask's path)."""
     from multiflow.pruning.config import PruneConfig
     from multiflow.pruning.prune import prune
 
     folder, _ = tiny
-    real = masks.layer_mask
+    real_kth, real_rows = masks.kth_smallest, masks.row_mask
 
-    def one_more(score, k):  # prunes one weight above the k-th smallest
-        keep = real(score, k)
+    def one_more(score, k):  # prunes one weight above the k-th smallest of a row
+        keep = real_rows(score, k)
         keep.view(-1)[int(torch.nonzero(keep.view(-1))[0])] = False
         return keep
 
-    monkeypatch.setattr(masks, "layer_mask", one_more)
+    if group == "layer":
+        monkeypatch.setattr(masks, "kth_smallest", lambda score, k: real_kth(score, k + 1))
+    else:
+        monkeypatch.setattr(masks, "row_mask", one_more)
     with pytest.raises(MultiflowError, match=r"the mask does not match the plan"):
-        prune(PruneConfig(model=folder, output=tmp_path / "out", target_sparsity=0.5, method="magnitude"),
-              progress=False)
+        prune(PruneConfig(model=folder, output=tmp_path / "out", target_sparsity=0.5, method="magnitude",
+                          group=group), progress=False)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 

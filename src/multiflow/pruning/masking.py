@@ -56,6 +56,24 @@ def checked_mask(weight: torch.Tensor, layer_plan: LayerPlan, config: PruneConfi
     return keep
 
 
+def zero_in_place(weight: torch.Tensor, layer_plan: LayerPlan, config: PruneConfig, sq_mean: torch.Tensor | None,
+                  where: Any = None, workspace: torch.Tensor | None = None) -> masks.Zeroed | None:
+    """`checked_mask` and `weight.masked_fill_(~keep, 0)` in one pass where the plan allows it (the layer group,
+    unstructured, k > 0, a live layer): the same zeros bit for bit (`masks.zero_at_or_below` at the k-th smallest
+    score), checked from the counts of that pass (`masks.threshold_violation`). None (weight untouched) for the
+    other plans: use `checked_mask`. `workspace`: float32 memory for the scores, reused from layer to layer."""
+    if (layer_plan.dead or layer_plan.k <= 0 or config.group != "layer" or config.structure.is_n_m
+            or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+        return None
+    score = layer_score(config.method, weight, sq_mean, workspace)
+    zeroed = masks.zero_at_or_below(weight, score, masks.kth_smallest(score, layer_plan.k))
+    why = masks.threshold_violation(zeroed, layer_plan.k)
+    if why is not None:
+        raise MultiflowError(f"layer {layer_plan.layer.name}{f' ({where})' if where else ''}: the mask does not match "
+                             f"the plan ({why}). Please report this")
+    return zeroed
+
+
 def masker_for(config: PruneConfig, inventory: Inventory, progress: bool = False):
     """`(layer name, weight, sq_mean) -> keep mask` by this config's plan, for sequential calibration
     (blocks pruned in memory as it goes; the checkpoint is written by `prune` from the same statistics,

@@ -15,7 +15,10 @@ Conventions, named once:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from multiflow.distribution import selection
@@ -24,13 +27,32 @@ from multiflow.distribution import selection
 _HISTOGRAM_AT = 1 << 20  # scores from this size on: bit-pattern selection, several times faster than kthvalue
 
 
+_SLICE = 1 << 22  # the numba passes below run on slices of at least this many elements, one thread each
+
+
+def _in_slices(fn, *flat: torch.Tensor) -> list:
+    """[fn(*slices) for each slice]: the 1-D tensors `flat` cut into the same contiguous slices, one per thread
+    (up to torch.get_num_threads()), run at once (the numba kernels release the GIL). Callers add the slices'
+    integer counts, so the result does not depend on the number of threads."""
+    n = flat[0].numel()
+    parts = max(1, min(torch.get_num_threads(), n // _SLICE))
+    if parts == 1:
+        return [fn(*flat)]
+    bounds = [n * i // parts for i in range(parts + 1)]
+    with ThreadPoolExecutor(parts - 1, thread_name_prefix="multiflow-slice") as pool:
+        rest = [pool.submit(fn, *(t[a:b] for t in flat)) for a, b in zip(bounds[1:-1], bounds[2:])]
+        first = fn(*(t[: bounds[1]] for t in flat))  # this thread takes the first slice
+        return [first, *(f.result() for f in rest)]
+
+
 def kth_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value (1-based) of a non-negative float32 tensor, exactly (as torch.kthvalue)."""
     if score.numel() < _HISTOGRAM_AT or score.dtype != torch.float32:
         return torch.kthvalue(score.reshape(-1), k).values
     space = selection.KEY_SPACES[torch.float32]
-    coarse, rank = selection.locate(selection.coarse_histogram(score, space), k)
-    fine, _ = selection.locate(selection.fine_histogram(score, space, coarse), rank)
+    flat = score.contiguous().reshape(-1)
+    coarse, rank = selection.locate(sum(_in_slices(lambda s: selection.coarse_histogram(s, space), flat)), k)
+    fine, _ = selection.locate(sum(_in_slices(lambda s: selection.fine_histogram(s, space, coarse), flat)), rank)
     return torch.tensor(space.value((coarse << space.shift) | fine), dtype=torch.float32)
 
 
@@ -140,4 +162,76 @@ def mask_violation(score: torch.Tensor, keep: torch.Tensor, k: int, *, row: bool
         if not bool((below < k).all()):
             return (f"{int(below.max())} weights score below the largest pruned one: more than the k = {k} "
                     "lowest and their ties were pruned")
+    return None
+
+
+@dataclass(frozen=True)
+class Zeroed:
+    """What `zero_at_or_below` did to one tensor: weights zeroed (score <= t), how many of them scored strictly
+    below t, scores that were NaN or inf, and the zeros in the tensor afterwards (zeroed ones included)."""
+
+    pruned: int
+    below: int
+    nonfinite: int
+    zeros: int
+
+
+_BITS = {torch.float16: (torch.int16, np.uint16, 0x7FFF), torch.bfloat16: (torch.int16, np.uint16, 0x7FFF),
+         torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF)}  # same-width integer view; bits of |value|
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+try:  # the layer group's mask applied in one pass; optional, as in `selection`
+    @numba.njit(nogil=True, cache=True)
+    def _zero_kernel(score, t, bits, magnitude, finite):  # pragma: no cover - compiled
+        pruned = below = nonfinite = zeros = 0
+        for i in range(score.shape[0]):  # without branches: 50% pruned at random defeats branch prediction
+            s = score[i]
+            nonfinite += not (-finite <= s <= finite)
+            keep = s > t  # as layer_mask: kept exactly where score > t (a NaN score is pruned, and reported)
+            b = bits[i] if keep else bits.dtype.type(0)
+            bits[i] = b
+            pruned += not keep
+            below += s < t
+            zeros += (b & magnitude) == 0
+        return pruned, below, nonfinite, zeros
+
+except NameError:  # pragma: no cover - numba missing (imported above)
+    _zero_kernel = None
+
+
+def zero_at_or_below(weight: torch.Tensor, score: torch.Tensor, threshold: torch.Tensor | float) -> Zeroed:
+    """Zero, in place, the weights whose score is at or below `threshold` (the weights `layer_mask` prunes when
+    the threshold is its k-th smallest score), counting on the way what `threshold_violation` checks.
+
+    Bit for bit `weight.masked_fill_(~(score > threshold), 0)`; one pass over score and weight, no mask tensor.
+    `weight`: float16, bfloat16 or float32, contiguous; `score`: float32, the same number of elements."""
+    t = torch.as_tensor(threshold, dtype=torch.float32)
+    if weight.numel() != score.numel():
+        raise ValueError(f"{score.numel()} scores for {weight.numel()} weights")
+    if (_zero_kernel is not None and weight.dtype in _BITS and score.dtype == torch.float32
+            and weight.is_contiguous() and score.is_contiguous() and weight.device.type == score.device.type == "cpu"):
+        int_dtype, unsigned, magnitude = _BITS[weight.dtype]
+        limits = np.float32(t.item()), unsigned(magnitude), np.float32(_FLOAT32_MAX)
+        counts = _in_slices(lambda s, w: _zero_kernel(s.numpy(), limits[0], w.numpy().view(unsigned), *limits[1:]),
+                            score.reshape(-1), weight.reshape(-1).view(int_dtype))
+        return Zeroed(*(sum(int(c[i]) for c in counts) for i in range(4)))
+    pruned_at = ~(score > t).reshape(weight.shape)
+    weight.masked_fill_(pruned_at, 0)
+    finite = torch.isfinite(score)
+    return Zeroed(int(pruned_at.sum()), int((score < t).sum()), int(finite.numel() - finite.sum()),
+                  weight.numel() - int(torch.count_nonzero(weight)))
+
+
+def threshold_violation(zeroed: Zeroed, k: int) -> str | None:
+    """Check `zero_at_or_below`'s counts against the layer group's convention for k > 0; None if it holds.
+
+    Sound whatever the threshold t was: pruned exactly where score <= t (by construction) and
+    #(score < t) < k <= #(score <= t) hold only when t is the k-th smallest score."""
+    if zeroed.nonfinite:
+        return "the scores hold NaN or inf (they overflow float32)"
+    if zeroed.pruned < k:
+        return f"{zeroed.pruned} weights pruned, fewer than k = {k}"
+    if zeroed.below >= k:
+        return (f"{zeroed.below} weights score below the largest pruned one: more than the k = {k} lowest and "
+                "their ties were pruned")
     return None

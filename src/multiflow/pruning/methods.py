@@ -52,8 +52,10 @@ UPDATE_NEEDS_RUN = ("--update obs updates the weights from each layer's Hessian,
                     "stats file and prune_module cannot")
 
 
-def layer_score(method: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> torch.Tensor:
-    """A layer's float32 importance scores by --method (`scores.SCORES`; an unknown name is an error)."""
+def layer_score(method: str, weight: torch.Tensor, sq_mean: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's float32 importance scores by --method (`scores.SCORES`; an unknown name is an error), in `out`'s
+    memory when given (`scores`' docstring)."""
     if method in METHODS and METHODS[method].score is None:
         raise MultiflowError(SPARSEGPT_NEEDS_RUN)
-    return scores.score(method, weight, sq_mean)
+    return scores.score(method, weight, sq_mean, out)

@@ -3,7 +3,9 @@
 `sq_mean[j]` is the mean of x_j^2 over calibration tokens (the Step 2 statistic);
 `a_j = sqrt(sq_mean[j])`. All scores are float32 tensors shaped like W
 (out x in), compared only inside one layer (no normalisation). Higher = more
-important. `SCORES` is the registry `--method` chooses from (`score(name, ...)`;
+important. Each takes `out=`: float32 memory to hold the scores (at least the
+weight's size; a pipeline reuses one, which spares the page faults of fresh
+memory per layer); the scores are the same bit for bit. `SCORES` is the registry `--method` chooses from (`score(name, ...)`;
 an unknown name is an error). `tile_scorer` gives the same scores on tiles of
 weights that SparseGPT's OBS update keeps changing (`--update obs`).
 """
@@ -16,7 +18,7 @@ import torch
 
 from multiflow.errors import MultiflowError
 
-ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (weight [out, in], sq_mean [in]) -> scores
+ScoreFn = Callable[..., torch.Tensor]  # (weight [out, in], sq_mean [in], out=None) -> scores
 TileScorer = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]  # sparsegpt_prune's `score` hook
 
 
@@ -25,32 +27,42 @@ def activation_norm(sq_mean: torch.Tensor) -> torch.Tensor:
     return sq_mean.float().sqrt()
 
 
-def magnitude_score(weight: torch.Tensor, sq_mean: torch.Tensor | None = None) -> torch.Tensor:
+def float_abs(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """|W| as float32, a new tensor (never `weight` itself, even in float32), written into `out` when given
+    (float32, at least weight.numel() elements)."""
+    if out is None:
+        return weight.abs() if weight.dtype == torch.float32 else weight.float().abs_()
+    return out.reshape(-1)[: weight.numel()].view(weight.shape).copy_(weight).abs_()
+
+
+def magnitude_score(weight: torch.Tensor, sq_mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    ) -> torch.Tensor:
     """magnitude: |W_ij| (no calibration statistics)."""
-    return weight.float().abs()
+    return float_abs(weight, out)
 
 
-def wanda_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
+def wanda_score(weight: torch.Tensor, sq_mean: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """wanda: |W_ij| * a_j (Wanda, Sun et al. 2023)."""
-    return weight.float().abs().mul_(activation_norm(sq_mean)[None, :])
+    return float_abs(weight, out).mul_(activation_norm(sq_mean)[None, :])
 
 
-def _flow(weight: torch.Tensor, sq_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flow(weight: torch.Tensor, sq_mean: torch.Tensor, out: torch.Tensor | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(|W| as float32, imp_out, imp_in) of MULTIFLOW's Eq. 6."""
-    score = weight.float().abs()
+    score = float_abs(weight, out)
     a = activation_norm(sq_mean)
     imp_out = (score @ a) / score.shape[1]
     imp_in = a * score.sum(dim=0) / score.shape[0]
     return score, imp_out, imp_in
 
 
-def multiflow_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
+def multiflow_score(weight: torch.Tensor, sq_mean: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """multiflow: information flow imp_out[i] * |W_ij| * imp_in[j] (MULTIFLOW, paper Eq. 6; the default).
 
     imp_out[i] = mean_j |W_ij| a_j (how much signal output neuron i carries),
     imp_in[j]  = mean_i |W_ij| a_j (how much signal input neuron j sends).
     """
-    score, imp_out, imp_in = _flow(weight, sq_mean)  # one full-size buffer, scaled in place (7B: 45M weights)
+    score, imp_out, imp_in = _flow(weight, sq_mean, out)  # one full-size buffer, scaled in place (7B: 45M weights)
     return score.mul_(imp_out[:, None]).mul_(imp_in[None, :])
 
 
@@ -67,7 +79,7 @@ def _ria(w_abs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, act: torch
     return w_abs.div_(torch.where(rows > 0, rows, 1)[:, None]).add_(by_col).mul_(act[None, :])
 
 
-def ria_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
+def ria_score(weight: torch.Tensor, sq_mean: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """ria: (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * a_j^0.5 (RIA, Zhang et al., ICLR 2024).
 
     Relative importance and activations ("Plug-and-Play: An Efficient Post-training
@@ -79,7 +91,7 @@ def ria_score(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
     the same order within a layer. A row or column with no non-zero weight adds 0.
     """
     rows, cols, act = _ria_parts(weight, sq_mean)
-    return _ria(weight.float().abs(), rows, cols, act)
+    return _ria(float_abs(weight, out), rows, cols, act)
 
 
 SCORES: dict[str, ScoreFn] = {
@@ -97,11 +109,13 @@ def check_score(name: str, flag: str = "--method") -> str:
     return name
 
 
-def score(name: str, weight: torch.Tensor, sq_mean: torch.Tensor | None) -> torch.Tensor:
-    """SCORES[name](weight, sq_mean); an unknown name is an error (never a fallback to another score)."""
+def score(name: str, weight: torch.Tensor, sq_mean: torch.Tensor | None, out: torch.Tensor | None = None,
+          ) -> torch.Tensor:
+    """SCORES[name](weight, sq_mean, out=out); an unknown name is an error (never a fallback to another score)."""
     if name not in NO_STATISTICS and sq_mean is None:
         raise MultiflowError(f"--method {name} needs activation statistics (sq_mean), got none")
-    return SCORES[check_score(name)](weight, sq_mean)
+    fn = SCORES[check_score(name)]
+    return fn(weight, sq_mean) if out is None else fn(weight, sq_mean, out=out)
 
 
 def describe(name: str) -> str:

@@ -29,7 +29,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -375,6 +375,63 @@ def read_tensors(entries: list[TensorEntry], prefetch: int = 2) -> Iterator[tupl
             if exc is not None:
                 raise exc
             yield entry, tensor
+    finally:
+        stop.set()
+        thread.join()
+
+
+def read_tensors_held(entries: list[TensorEntry], held: int = 4, prefetch: int = 2,
+                      on_read: Callable[[TensorEntry, torch.Tensor], None] | None = None,
+                      ) -> Iterator[tuple[TensorEntry, torch.Tensor, Callable[[], None]]]:
+    """`read_tensors` for a pipeline: yield (entry, tensor, release) in order; the tensor stays valid until
+    `release()` is called (from any thread, once), so a writer thread can still be writing it while later
+    tensors are read and worked on.
+
+    A thread reads ahead into `held + prefetch` page-aligned buffers (as `read_tensors`), each reused once
+    released; when all are out it waits. `on_read(entry, tensor)` runs in that thread right after each read, in
+    order (hashing the bytes, checking them): its error is raised here, in order, as a read error is.
+    Release every tensor taken, or memory stays at the buffers' size until the generator is closed."""
+    count = max(2, held + max(1, prefetch))
+    largest = max((span_size(e) for e in entries), default=0)
+    ring = [aligned_buffer(largest) for _ in range(count)] if largest else []
+    free: queue.Queue = queue.Queue()
+    for i in range(count):
+        free.put(i)
+    slots: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def wait(get):
+        while not stop.is_set():
+            try:
+                return get()
+            except (queue.Empty, queue.Full):
+                continue
+        return None
+
+    def work() -> None:
+        for entry in entries:
+            slot = wait(lambda: free.get(timeout=0.1))
+            if slot is None:
+                return
+            try:
+                tensor = read_tensor(entry, ring[slot] if ring else None)
+                if on_read is not None:
+                    on_read(entry, tensor)
+                item = (entry, tensor, functools.partial(free.put, slot), None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                item = (entry, None, None, exc)
+            wait(lambda: slots.put(item, timeout=0.1))
+            if item[3] is not None:
+                return
+
+    thread = threading.Thread(target=work, name="multiflow-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in entries:
+            entry, tensor, release, exc = slots.get()
+            if exc is not None:
+                raise exc
+            yield entry, tensor, release
     finally:
         stop.set()
         thread.join()
