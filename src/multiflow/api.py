@@ -137,9 +137,9 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         max_layer_sparsity: float | None = None, prune_only: str = "all") -> dict:
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
 
-    Without `method`, the recommended configuration (`pruning.config.RUN_RECOMMENDED`: MULTIFLOW's scores with
-    SparseGPT's OBS update, uniform allocation, row groups); with a `method`, `allocation`, `group` and `update`
-    default as the paper (`PAPER_DEFAULTS`: `method="multiflow"` alone is the paper's exact method).
+    Without `method`, the configuration measured best on the pretrained judges (`pruning.config.RUN_RECOMMENDED`:
+    SparseGPT, every layer at the target); with a `method`, `allocation`, `group` and `update` default as the
+    paper (`PAPER_DEFAULTS`: `method="multiflow"` alone is the paper's exact method).
 
     `sequential`: each block is calibrated on the outputs of the already-pruned blocks before it
     (Step 1 runs first to fix every layer's count). `vision_tower` (original-layout LLaVA) serves
@@ -185,8 +185,8 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     if reconstructs and whole_model:
         raise MultiflowError(f"{f'--method {method}' if chosen.reconstructs else '--update obs'} prunes block by "
                              "block as calibration reaches each block: drop --whole-model"
-                             + (" (run without --method uses --update obs; --method multiflow is the paper's one-pass "
-                                "method, which --whole-model can run)" if defaulted else ""))
+                             + (f" (run without --method uses --method {method}; --method multiflow is the paper's "
+                                "one-pass method, which --whole-model can run)" if defaulted else ""))
     # checked before the long calibration pass (prune checks again, and at the end before replacing anything)
     FolderOutput(output, {"the input model folder": model, "the --vision-tower folder": vision_tower,
                           "the --data input": data, "the --rules file": rules}, overwrite)

@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run MULTIFLOW end to end: Step 1 (distribution), Step 2 (calibration statistics, when the "
                     "method needs them) and Step 3 (prune and save). Accepts the options of distribute, "
                     "calibrate and prune. Without --method, run uses the configuration measured best on real "
-                    "pretrained weights (README, 'Which configuration should I use'): --method multiflow "
-                    "--update obs --allocation uniform --group row (MULTIFLOW's information-flow scores choose "
-                    "each row's mask inside SparseGPT's pass, whose OBS update repairs the kept weights). With "
+                    "pretrained weights (README, 'Which configuration should I use'): --method sparsegpt "
+                    "--allocation uniform (SparseGPT's mask and OBS update of the kept weights, every layer at the "
+                    "target; block by block, each block calibrated on the pruned blocks before it). With "
                     "--method, --allocation, --group and --update default as the paper (modality, layer, none): "
                     "--method multiflow alone is the paper's exact method.",
     )

@@ -19,7 +19,7 @@ UPDATES = ("none", "obs")  # obs: SparseGPT's weight update after each tile's ma
 # `multiflow run` without --method: the configuration measured best on the pretrained judges (README, "Which
 # configuration should I use"). With --method, the others default as the paper: `--method multiflow` alone is the
 # paper's exact method (allocation modality, one threshold per layer, no weight update).
-RUN_RECOMMENDED = {"method": "multiflow", "update": "obs", "allocation": "uniform", "group": "row"}
+RUN_RECOMMENDED = {"method": "sparsegpt", "update": "none", "allocation": "uniform", "group": "layer"}
 PAPER_DEFAULTS = {"allocation": "modality", "group": "layer", "update": "none"}
 
 
