@@ -83,5 +83,5 @@ def test_score_allocations_need_statistics_and_refuse_sequential(model_and_stats
         multiflow.prune_module(copy.deepcopy(model), 0.5, method="wanda", allocation="owl")
     folder, _, _ = demo
     with pytest.raises(MultiflowError, match="--sequential"):
-        multiflow.run(folder, tmp_path / "o", 0.5, data=jsonl, nsamples=2, allocation="scores", sequential=True)
+        multiflow.run(folder, tmp_path / "o", 0.5, data=jsonl, nsamples=2, allocation="scores", sequential=True, method="multiflow")
     assert not (tmp_path / "o").exists()

@@ -153,11 +153,11 @@ def test_bad_combinations_are_clear_errors(demo, jsonl, tmp_path):
     with pytest.raises(MultiflowError, match="--sequential"):
         multiflow.run(folder, tmp_path / "a", 0.5, data=jsonl, nsamples=2, method="magnitude", sequential=True)
     with pytest.raises(MultiflowError, match="--whole-model"):
-        multiflow.run(folder, tmp_path / "b", 0.5, data=jsonl, nsamples=2, sequential=True, whole_model=True)
+        multiflow.run(folder, tmp_path / "b", 0.5, data=jsonl, nsamples=2, sequential=True, whole_model=True, method="multiflow")
     with pytest.raises(MultiflowError, match="--device-map"):
         CalibrationConfig(model=folder, output=tmp_path / "s", device_map="auto")
     with pytest.raises(MultiflowError, match="--samples-per-pass"):
-        multiflow.run(folder, tmp_path / "c", 0.5, data=jsonl, nsamples=3, sequential=True, samples_per_pass=2)
+        multiflow.run(folder, tmp_path / "c", 0.5, data=jsonl, nsamples=3, sequential=True, samples_per_pass=2, method="multiflow")
     assert not any((tmp_path / n).exists() for n in "abc")
 
 

@@ -113,7 +113,7 @@ def test_run_equals_calibrate_then_prune(demo, jsonl, tmp_path, capsys):
     import multiflow
 
     folder, _, _ = demo
-    report = multiflow.run(folder, tmp_path / "run", 0.5, data=jsonl, nsamples=3, batch_size=2)
+    report = multiflow.run(folder, tmp_path / "run", 0.5, data=jsonl, nsamples=3, batch_size=2, method="multiflow")
     multiflow.calibrate(folder, tmp_path / "s.safetensors", data=jsonl, nsamples=3, batch_size=2)
     step_by_step = multiflow.prune(folder, tmp_path / "steps", 0.5, stats=tmp_path / "s.safetensors")
     assert report["layers"] == step_by_step["layers"] and report["calibration"]["nsamples"] == 3
@@ -125,7 +125,7 @@ def test_run_equals_calibrate_then_prune(demo, jsonl, tmp_path, capsys):
     assert main(["run", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--target-sparsity", "0.3",
                  "--method", "wanda", "--allocation", "uniform", "--output", str(tmp_path / "cli")]) == 0
     assert json.loads((tmp_path / "cli" / "multiflow_report.json").read_text())["allocation"] == "uniform"
-    assert main(["run", "--model", str(folder), "--output", str(tmp_path / "x")]) == 2
+    assert main(["run", "--method", "multiflow", "--model", str(folder), "--output", str(tmp_path / "x")]) == 2
     assert "--target-sparsity" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 

@@ -310,7 +310,7 @@ def test_run_writes_a_causal_lm_that_loads(lm, text_file, tmp_path):
 
 def test_cli_run_sequential_and_magnitude(lm, text_file, tmp_path):
     folder, _, _ = lm
-    assert main(["run", "--model", str(folder), "--data", str(text_file), "--nsamples", "3", "--seq-len", "16",
+    assert main(["run", "--method", "multiflow", "--model", str(folder), "--data", str(text_file), "--nsamples", "3", "--seq-len", "16",
                  "--target-sparsity", "0.6", "--sequential", "--quiet", "--output", str(tmp_path / "seq")]) == 0
     report = json.loads((tmp_path / "seq" / "multiflow_report.json").read_text())
     assert report["calibration"]["sequential"] and report["calibration"]["prompt"] == "text windows of 16 tokens"

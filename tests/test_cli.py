@@ -201,7 +201,7 @@ def test_every_command_runs_on_the_default_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert main(["distribute", "--target-sparsity", "0.5", "--output", str(tmp_path / "d"), "--quiet"]) == 0
     assert main(["modalities"]) == 0
-    assert main(["run", "--target-sparsity", "0.5", "--nsamples", "4", "--output", str(tmp_path / "r"), "--quiet"]) == 0
+    assert main(["run", "--method", "multiflow", "--target-sparsity", "0.5", "--nsamples", "4", "--output", str(tmp_path / "r"), "--quiet"]) == 0
     assert main(["eval", "--model", str(tmp_path / "r"), "--nsamples", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "d" / "sparsity_distribution_0.5.json").is_file() and (tmp_path / "r" / "model.safetensors").is_file()

@@ -28,7 +28,7 @@ def test_drop_volatile_removes_exactly_the_documented_fields():
 
 @pytest.mark.slow
 def test_two_identical_runs_give_byte_identical_folders(demo, jsonl, tmp_path, capsys):
-    common = ["run", "--model", str(demo[0]), "--data", str(jsonl), "--nsamples", "3", "--target-sparsity", "0.4",
+    common = ["run", "--method", "multiflow", "--model", str(demo[0]), "--data", str(jsonl), "--nsamples", "3", "--target-sparsity", "0.4",
               "--quiet"]
     for name in ("a", "b"):
         assert main([*common, "--output", str(tmp_path / name), "--deterministic-report"]) == 0

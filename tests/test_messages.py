@@ -85,8 +85,8 @@ def test_eval_config_checks_its_counts():
     (["calibrate", "--nsamples", "0"], "--nsamples"),
     (["calibrate", "--batch-size", "0"], "--batch-size"),
     (["calibrate", "--samples-per-pass", "-2"], "--samples-per-pass"),
-    (["run", "--target-sparsity", "0.5", "--nsamples", "-1"], "--nsamples"),
-    (["run", "--target-sparsity", "0.5", "--batch-size", "0"], "--batch-size"),
+    (["run", "--method", "multiflow", "--target-sparsity", "0.5", "--nsamples", "-1"], "--nsamples"),
+    (["run", "--method", "multiflow", "--target-sparsity", "0.5", "--batch-size", "0"], "--batch-size"),
     (["eval", "--nsamples", "0"], "--nsamples"),
     (["eval", "--batch-size", "-4"], "--batch-size"),
 ])
@@ -244,7 +244,7 @@ def test_trust_remote_code_is_opt_in_everywhere():
     for path in SRC.rglob("*.py"):
         assert not re.search(r"trust_remote_code\s*=\s*True", path.read_text()), path
     parser = build_parser()
-    for command in (["calibrate"], ["run", "--output", "o"], ["eval"]):
+    for command in (["calibrate"], ["run", "--method", "multiflow", "--output", "o"], ["eval"]):
         assert parser.parse_args(command).trust_remote_code is False
     assert CalibrationConfig(model=Path("m"), output=Path("s")).trust_remote_code is False
     assert EvalConfig(model=Path("m")).trust_remote_code is False

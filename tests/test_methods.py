@@ -217,9 +217,9 @@ def test_report_of_a_plain_run_says_no_update(demo, jsonl, tmp_path):
 def test_refusals_are_clear(demo, jsonl, tmp_path, capsys):
     folder = demo[0]
     with pytest.raises(MultiflowError, match="--update 'ob': choose one of none, obs"):
-        multiflow.run(folder, tmp_path / "a", 0.5, data=jsonl, nsamples=2, update="ob")
+        multiflow.run(folder, tmp_path / "a", 0.5, data=jsonl, nsamples=2, update="ob", method="multiflow")
     with pytest.raises(MultiflowError, match="--update obs prunes block by block.*--whole-model"):
-        multiflow.run(folder, tmp_path / "b", 0.5, data=jsonl, nsamples=2, update="obs", whole_model=True)
+        multiflow.run(folder, tmp_path / "b", 0.5, data=jsonl, nsamples=2, update="obs", whole_model=True, method="multiflow")
     with pytest.raises(MultiflowError, match="--percdamp -1"):
         multiflow.run(folder, tmp_path / "c", 0.5, data=jsonl, nsamples=2, method="magnitude", percdamp=-1)
     config = PruneConfig(model=folder, output=tmp_path / "d", target_sparsity=0.5, stats=tmp_path, method="wanda",
@@ -228,7 +228,7 @@ def test_refusals_are_clear(demo, jsonl, tmp_path, capsys):
 
     with pytest.raises(MultiflowError, match="multiflow run --update obs"):
         prune(config, progress=False)
-    assert main(["run", "--model", str(folder), "--output", str(tmp_path / "e"), "--target-sparsity", "0.5",
+    assert main(["run", "--method", "multiflow", "--model", str(folder), "--output", str(tmp_path / "e"), "--target-sparsity", "0.5",
                  "--blocksize", "64"]) == 2
     assert "--blocksize sets the OBS weight update: add --update obs" in capsys.readouterr().err
 
@@ -251,21 +251,54 @@ def test_each_pruning_option_is_defined_once():
     from dataclasses import fields
 
     from multiflow import api
-    from multiflow.pruning.config import PruneConfig
+    from multiflow.pruning.config import PAPER_DEFAULTS, RUN_RECOMMENDED, PruneConfig, run_choices
 
     options = [f for f in fields(PruneConfig) if "help" in f.metadata]
     assert {f.name for f in options} == {"method", "allocation", "group", "structure", "dead_layers", "update",
                                          "max_layer_sparsity", "prune_only"}
     subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    by_run = set(RUN_RECOMMENDED)  # `run` leaves these to run_choices: recommended without --method, else the paper's
     for command in ("prune", "run"):
         actions = {a.dest: a for a in subparsers[command]._actions}
         for f in options:
             if f.name == "update" and command == "prune":
                 continue
-            default = f.metadata["cli_default"] or f.default
+            default = None if command == "run" and f.name in by_run else f.metadata["cli_default"] or f.default
             assert actions[f.name].default == default, (command, f.name)
     for function in (api.prune, api.run, api.prune_module):
         parameters = inspect.signature(function).parameters
         for f in options:
             if f.name in parameters:
-                assert parameters[f.name].default == (f.metadata["cli_default"] or f.default), (function, f.name)
+                default = None if function is api.run and f.name in by_run else f.metadata["cli_default"] or f.default
+                assert parameters[f.name].default == default, (function, f.name)
+    # with a method, run's other choices are the fields' defaults (the paper's); without one, the recommended
+    paper = {f.name: f.default for f in options if f.name in by_run}
+    assert run_choices("multiflow") == paper == {**PAPER_DEFAULTS, "method": "multiflow"}
+    assert run_choices() == RUN_RECOMMENDED != paper
+    assert run_choices(None, allocation="modality") == {**RUN_RECOMMENDED, "allocation": "modality"}
+    assert run_choices("wanda", group="row") == {**PAPER_DEFAULTS, "method": "wanda", "group": "row"}
+
+
+@pytest.mark.slow
+def test_run_without_method_is_the_recommended_configuration(demo, jsonl, tmp_path):
+    """`run` without --method = --method sparsegpt --allocation uniform --group layer, byte for byte; with
+    --method multiflow alone, the paper's method (modality allocation, layer groups, no update)."""
+    folder = demo[0]
+    common = ["run", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--target-sparsity", "0.5",
+              "--quiet", "--deterministic-report"]
+    assert main([*common, "--output", str(tmp_path / "default")]) == 0
+    assert main([*common, "--output", str(tmp_path / "explicit"), "--method", "sparsegpt", "--allocation", "uniform",
+                 "--group", "layer"]) == 0
+    assert main([*common, "--output", str(tmp_path / "paper"), "--method", "multiflow"]) == 0
+    for name in ("model.safetensors", "multiflow_report.json"):
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "explicit" / name).read_bytes(), name
+    report = json.loads((tmp_path / "default" / "multiflow_report.json").read_text())
+    assert (report["method"], report["update"], report["allocation"], report["group"]) == \
+        ("sparsegpt", "obs", "uniform", "layer")
+    paper = json.loads((tmp_path / "paper" / "multiflow_report.json").read_text())
+    assert (paper["method"], paper["update"], paper["allocation"], paper["group"]) == \
+        ("multiflow", "none", "modality", "layer")
+    # the API: the same resolution
+    api_report = multiflow.run(folder, tmp_path / "api", 0.5, data=jsonl, nsamples=2, deterministic_report=True)
+    assert (tmp_path / "api" / "model.safetensors").read_bytes() == (tmp_path / "default" / "model.safetensors").read_bytes()
+    assert api_report["update"] == "obs"

@@ -93,7 +93,7 @@ def test_model_reached_through_a_symlink_is_protected(model, tmp_path, capsys):
 
 
 def test_run_refuses_before_calibrating(model, capsys):
-    assert main(["run", "--model", str(model), "--target-sparsity", "0.5", "--output", str(model / "out"),
+    assert main(["run", "--method", "multiflow", "--model", str(model), "--target-sparsity", "0.5", "--output", str(model / "out"),
                  "--quiet"]) == 2
     one_error_line(capsys, "inside the input model folder")
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
@@ -105,7 +105,7 @@ def test_empty_output_is_an_error_never_the_current_folder(model, tmp_path, caps
     (cwd / "precious.txt").write_text("mine")
     monkeypatch.chdir(cwd)
     commands = [["prune", "--model", str(model), *PRUNE, "--overwrite"],
-                ["run", "--model", str(model), *PRUNE, "--overwrite"],
+                ["run", "--method", "multiflow", "--model", str(model), *PRUNE, "--overwrite"],
                 ["calibrate", "--model", str(model), "--overwrite"],
                 ["distribute", "--model", str(model), "--target-sparsity", "0.5", "--overwrite"],
                 ["eval", "--model", str(model), "--overwrite"]]

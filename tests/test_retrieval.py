@@ -267,7 +267,7 @@ def test_calibrate_whole_model_and_block_by_block_agree(kind, tiny):
 
 def test_blip_retrieval_refuses_sequential(tiny):
     with pytest.raises(MultiflowError, match="runs its text blocks twice"):
-        multiflow.run(tiny / "blip", tiny / "never", 0.5, data=tiny / "caps.jsonl", nsamples=2, sequential=True)
+        multiflow.run(tiny / "blip", tiny / "never", 0.5, data=tiny / "caps.jsonl", nsamples=2, sequential=True, method="multiflow")
     assert not (tiny / "never").exists()
 
 
@@ -276,7 +276,7 @@ def test_run_prune_load_eval_via_cli(kind, tiny, capsys):
     import transformers
 
     out = tiny / f"{kind}-pruned"
-    code, printed, err = run_cli(["run", "--model", str(tiny / kind), "--data", str(tiny / "caps.jsonl"),
+    code, printed, err = run_cli(["run", "--method", "multiflow", "--model", str(tiny / kind), "--data", str(tiny / "caps.jsonl"),
                                   "--nsamples", "6", "--batch-size", "3", "--target-sparsity", "0.5",
                                   "--output", str(out), "--quiet"], capsys)
     assert code == 0, err

@@ -164,7 +164,7 @@ def test_dollar_anchored_renames_agree_in_distribute_calibrate_prune_run_and_eva
                      "--deterministic-report"]) == 0
         assert main(["prune", *common, "--distribution", str(d / "dist.json"), "--stats", str(d / "stats.safetensors"),
                      "--output", str(d / "pruned"), "--quiet"]) == 0
-        assert main(["run", *common, *calib, "--target-sparsity", "0.5", "--output", str(d / "run")]) == 0
+        assert main(["run", "--method", "multiflow", *common, *calib, "--target-sparsity", "0.5", "--output", str(d / "run")]) == 0
         assert main(["eval", "--model", str(d / "run"), *extra, "--data", str(jsonl), "--nsamples", "2",
                      "--max-new-tokens", "3", "--output", str(d / "eval.json"), "--quiet"]) == 0
         out[label] = d

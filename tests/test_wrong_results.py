@@ -126,7 +126,7 @@ def test_nan_in_a_norm_weight_stops_calibrate_and_run(demo, jsonl, tmp_path, cap
     fails(capsys, ["calibrate", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--output", str(out),
                    "--quiet", *mode], repr(key), "model.safetensors", "NaN or inf")
     assert not out.exists()
-    fails(capsys, ["run", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--target-sparsity", "0.5",
+    fails(capsys, ["run", "--method", "multiflow", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--target-sparsity", "0.5",
                    "--output", str(tmp_path / "pruned"), "--quiet", *mode], repr(key), "NaN or inf")
     assert not (tmp_path / "pruned").exists()
 

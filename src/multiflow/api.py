@@ -128,14 +128,18 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: 
 
 def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: float | None = None, *, data=None,
         nsamples: int = 128, seed: int = 0, batch_size: int = 1, dtype: str = "float32", device: str = "cpu",
-        include_answers: bool = False, split_token_types: bool = False, method: str = "multiflow",
-        allocation: str = "modality", group: str = "layer", structure: str = "unstructured",
+        include_answers: bool = False, split_token_types: bool = False, method: str | None = None,
+        allocation: str | None = None, group: str | None = None, structure: str = "unstructured",
         dead_layers: str = "keep", rules=None, overwrite: bool = False, trust_remote_code: bool = False,
         vision_tower=None, whole_model: bool = False, samples_per_pass: int | None = None, device_map: str | None = None,
-        sequential: bool = False, seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False, update: str = "none",
+        sequential: bool = False, seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False, update: str | None = None,
         blocksize: int = 128, percdamp: float = 0.01, deterministic_report: bool = False,
         max_layer_sparsity: float | None = None, prune_only: str = "all") -> dict:
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
+
+    Without `method`, the configuration measured best on the pretrained judges (`pruning.config.RUN_RECOMMENDED`:
+    SparseGPT, every layer at the target); with a `method`, `allocation`, `group` and `update` default as the
+    paper (`PAPER_DEFAULTS`: `method="multiflow"` alone is the paper's exact method).
 
     `sequential`: each block is calibrated on the outputs of the already-pruned blocks before it
     (Step 1 runs first to fix every layer's count). `vision_tower` (original-layout LLaVA) serves
@@ -153,6 +157,7 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
 
     from multiflow.errors import MultiflowError
     from multiflow.pruning import methods
+    from multiflow.pruning.config import run_choices
     from multiflow.pruning.masking import masker_from_plans
     from multiflow.pruning.plan import check_stats, plan, SCORE_ALLOCATIONS
     from multiflow.pruning.prune import prune as _prune
@@ -161,6 +166,9 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     from multiflow.storage.outputs import FolderOutput
     from multiflow.storage.stats_file import load_stats
 
+    defaulted = method is None  # the recommended configuration: say so where it matters
+    choices = run_choices(method, allocation, group, update)
+    method, allocation, group, update = (choices[k] for k in ("method", "allocation", "group", "update"))
     chosen = methods.method(method)
     reconstructs = chosen.reconstructs or update == "obs"
     sequential = sequential or reconstructs
@@ -176,7 +184,9 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         return prune(model, output, target_sparsity, progress=progress, **prune_args)
     if reconstructs and whole_model:
         raise MultiflowError(f"{f'--method {method}' if chosen.reconstructs else '--update obs'} prunes block by "
-                             "block as calibration reaches each block: drop --whole-model")
+                             "block as calibration reaches each block: drop --whole-model"
+                             + (f" (run without --method uses --method {method}; --method multiflow is the paper's "
+                                "one-pass method, which --whole-model can run)" if defaulted else ""))
     # checked before the long calibration pass (prune checks again, and at the end before replacing anything)
     FolderOutput(output, {"the input model folder": model, "the --vision-tower folder": vision_tower,
                           "the --data input": data, "the --rules file": rules}, overwrite)

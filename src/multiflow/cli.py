@@ -197,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Steps 1-3 end to end: distribute, calibrate, prune; one output folder",
         description="Run MULTIFLOW end to end: Step 1 (distribution), Step 2 (calibration statistics, when the "
                     "method needs them) and Step 3 (prune and save). Accepts the options of distribute, "
-                    "calibrate and prune.",
+                    "calibrate and prune. Without --method, run uses the configuration measured best on real "
+                    "pretrained weights (README, 'Which configuration should I use'): --method sparsegpt "
+                    "--allocation uniform (SparseGPT's mask and OBS update of the kept weights, every layer at the "
+                    "target; block by block, each block calibrated on the pruned blocks before it). With "
+                    "--method, --allocation, --group and --update default as the paper (modality, layer, none): "
+                    "--method multiflow alone is the paper's exact method.",
     )
     _model_args(r)
     _prune_args(r)
@@ -208,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate each block on the outputs of the already-pruned blocks before it (as Wanda and "
                         "SparseGPT do; each block runs twice). Default: one pass over the dense model, as the paper")
     add_arguments(r, PruneConfig, ("update",))
+    r.set_defaults(method=None, allocation=None, group=None, update=None)  # run_choices fills them (description)
     r.add_argument("--blocksize", type=_at_least_one, default=None, metavar="N",
                    help="--update obs and --method sparsegpt: columns per block of the update (default 128)")
     r.add_argument("--percdamp", type=float, default=None, metavar="F",
@@ -426,7 +432,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from multiflow import api
-    from multiflow.pruning.config import Structure
+    from multiflow.pruning.config import Structure, run_choices
     from multiflow.pruning.methods import METHODS
     from multiflow.reporting.console import render_prune
 
@@ -435,20 +441,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.target is None and args.structure == "unstructured":
         raise MultiflowError("give --target-sparsity (or --structure N:M)")
     output_path(args.output)  # checked in full by api.run, before the calibration pass
+    choices = run_choices(args.method, args.allocation, args.group, args.update)
     obs = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
-    if obs and not METHODS[args.method].reconstructs and args.update != "obs":
+    if obs and not METHODS[choices["method"]].reconstructs and choices["update"] != "obs":
         raise MultiflowError(f"--{next(iter(obs))} sets the OBS weight update: add --update obs (or use --method "
                              "sparsegpt), or drop it")
     model = _resolve_model(args.model)
     report = api.run(
         model, args.output, args.target, data=_calibration_data(args.data, model), nsamples=args.nsamples, seed=args.seed,
         batch_size=args.batch_size, dtype=args.dtype, device=args.device, include_answers=args.include_answers,
-        split_token_types=args.split_token_types, method=args.method, allocation=args.allocation, group=args.group,
+        split_token_types=args.split_token_types, method=choices["method"], allocation=choices["allocation"],
+        group=choices["group"],
         structure=args.structure, dead_layers=args.dead_layers, max_layer_sparsity=args.max_layer_sparsity,
         prune_only=args.prune_only, rules=args.rules, overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code, vision_tower=args.vision_tower, whole_model=args.whole_model,
         samples_per_pass=args.samples_per_pass, device_map=args.device_map, sequential=args.sequential,
-        seq_len=args.seq_len, progress=not args.quiet, update=args.update, **obs,
+        seq_len=args.seq_len, progress=not args.quiet, update=choices["update"], **obs,
         deterministic_report=args.deterministic_report,
     )
     if not args.quiet:

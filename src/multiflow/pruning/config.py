@@ -16,6 +16,20 @@ from multiflow.pruning.methods import METHODS, SPARSEGPT_NEEDS_RUN
 from multiflow.pruning.plan import ALLOCATIONS, SCORE_ALLOCATIONS
 
 UPDATES = ("none", "obs")  # obs: SparseGPT's weight update after each tile's mask (reconstruction.py, `run` only)
+# `multiflow run` without --method: the configuration measured best on the pretrained judges (README, "Which
+# configuration should I use"). With --method, the others default as the paper: `--method multiflow` alone is the
+# paper's exact method (allocation modality, one threshold per layer, no weight update).
+RUN_RECOMMENDED = {"method": "sparsegpt", "update": "none", "allocation": "uniform", "group": "layer"}
+PAPER_DEFAULTS = {"allocation": "modality", "group": "layer", "update": "none"}
+
+
+def run_choices(method: str | None = None, allocation: str | None = None, group: str | None = None,
+                update: str | None = None) -> dict[str, str]:
+    """What `run` uses: each choice the caller gave, the others from RUN_RECOMMENDED when no method is given,
+    else from PAPER_DEFAULTS."""
+    base = RUN_RECOMMENDED if method is None else {**PAPER_DEFAULTS, "method": method}
+    given = {"method": method, "allocation": allocation, "group": group, "update": update}
+    return {k: base[k] if v is None else v for k, v in given.items()}
 
 
 CAPPED = ("modality", "global")  # the allocations Step 1's distribution makes: --max-layer-sparsity applies to them
