@@ -280,7 +280,8 @@ def test_step_1_runs_once_in_run_and_never_with_a_distribution(checkpoints, tmp_
     demo_folder = demo[0]
     for sequential in (False, True):
         calls.clear()
-        multiflow.run(demo_folder, tmp_path / f"run-{sequential}", 0.5, data=jsonl, nsamples=2, sequential=sequential)
+        multiflow.run(demo_folder, tmp_path / f"run-{sequential}", 0.5, data=jsonl, nsamples=2, sequential=sequential,
+                      method="multiflow")
         assert calls == [1], sequential
 
 
