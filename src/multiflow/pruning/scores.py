@@ -57,7 +57,7 @@ def _flow(weight: torch.Tensor, sq_mean: torch.Tensor, out: torch.Tensor | None 
 
 
 def multiflow_score(weight: torch.Tensor, sq_mean: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """multiflow: information flow imp_out[i] * |W_ij| * imp_in[j] (MULTIFLOW, paper Eq. 6; the default).
+    """multiflow: information flow imp_out[i] * |W_ij| * imp_in[j] (MULTIFLOW, paper Eq. 6; prune's default; run without --method uses sparsegpt).
 
     imp_out[i] = mean_j |W_ij| a_j (how much signal output neuron i carries),
     imp_in[j]  = mean_i |W_ij| a_j (how much signal input neuron j sends).
