@@ -67,3 +67,16 @@ def linear_sparsity(model, inside: re.Pattern, name: str) -> dict:
             counts[key][2] += 1
     return {k: {"zeros": z, "numel": n, "layers": count, "sparsity": z / n if n else None}
             for k, (z, n, count) in counts.items()}
+
+
+def memory_mib() -> dict[str, float | None]:
+    """This process's resident set now (VmRSS) and its high-water mark so far (VmHWM), MiB."""
+    out: dict[str, float | None] = {"rss": None, "hwm": None}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss" if key == "VmRSS" else "hwm"] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out

@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path in llm-compressor's venv
-from benchmarks._common import linear_sparsity  # noqa: E402
+from benchmarks._common import linear_sparsity, memory_mib  # noqa: E402
 
 LANGUAGE_LINEAR = re.compile(r"^model\.language_model\.layers\.\d+\.")
 IGNORE = ["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
@@ -117,18 +117,6 @@ def data_collator(batch):
     return {key: torch.tensor(value) for key, value in batch[0].items()}
 
 
-
-def memory_mib() -> dict[str, float | None]:
-    """This process's resident set now (VmRSS) and its high-water mark so far (VmHWM), MiB."""
-    out: dict[str, float | None] = {"rss": None, "hwm": None}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["rss" if key == "VmRSS" else "hwm"] = round(int(value.split()[0]) / 1024, 1)
-    except OSError:
-        pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path in llm-compressor's venv
-from benchmarks._common import linear_sparsity  # noqa: E402
+from benchmarks._common import linear_sparsity, memory_mib  # noqa: E402
 
 DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.")
 IGNORE = ["re:.*lm_head"]
@@ -113,18 +113,6 @@ def nm_violations(model, structure: str | None) -> int | None:
             bad += int(((w != 0).reshape(w.shape[0], -1, group).sum(-1) > keep).sum())
     return bad
 
-
-def memory_mib() -> dict[str, float | None]:
-    """This process's resident set now (VmRSS) and its high-water mark so far (VmHWM), MiB."""
-    out: dict[str, float | None] = {"rss": None, "hwm": None}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["rss" if key == "VmRSS" else "hwm"] = round(int(value.split()[0]) / 1024, 1)
-    except OSError:
-        pass
-    return out
 
 
 def data_collator(batch):

@@ -341,43 +341,16 @@ def read_tensors(entries: list[TensorEntry], prefetch: int = 2) -> Iterator[tupl
     memory for every tensor costs more in page faults than the read itself),
     read around the page cache where it does not hold them (see
     `_read_direct`), so a yielded tensor is valid only until the next one is
-    requested: clone it to keep it.
+    requested: clone it to keep it. (`read_tensors_held`, each tensor released
+    when the next is requested.)
     An error in the reader is raised here, in order.
     """
-    prefetch = max(1, prefetch)
-    largest = max((span_size(e) for e in entries), default=0)
-    ring = [aligned_buffer(largest) for _ in range(prefetch + 2)] if largest else []
-    slots: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def work() -> None:
-        for i, entry in enumerate(entries):
-            if stop.is_set():
-                return
-            try:
-                item = (entry, read_tensor(entry, ring[i % len(ring)] if ring else None), None)
-            except BaseException as exc:  # handed to the consumer, raised there
-                item = (entry, None, exc)
-            while not stop.is_set():
-                try:
-                    slots.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
-
-    thread = threading.Thread(target=work, name="multiflow-reader", daemon=True)
-    thread.start()
-    try:
-        for _ in entries:
-            entry, tensor, exc = slots.get()
-            if exc is not None:
-                raise exc
-            yield entry, tensor
-    finally:
-        stop.set()
-        thread.join()
+    release = None
+    for entry, tensor, release_next in read_tensors_held(entries, held=2, prefetch=prefetch):
+        if release is not None:
+            release()
+        release = release_next
+        yield entry, tensor
 
 
 def read_tensors_held(entries: list[TensorEntry], held: int = 4, prefetch: int = 2,
