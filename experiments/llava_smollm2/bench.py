@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import git_rev, gnu_time
-from experiments.smollm2.bench import ALLOCATIONS, GROUPS, METHODS, config_key, grid
+from experiments.smollm2.bench import add_extra_argument, add_grid_arguments, config_key, method_flags, run_grid
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "multiflow.cli"]
@@ -48,15 +48,7 @@ def run_config(c: dict, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="llava-smollm2-", dir=args.scratch) as scratch:
         out = Path(scratch) / "pruned"
         cmd = [*CLI, "run", "--model", str(args.model), "--data", str(DATA / "calibration.jsonl"),
-               "--nsamples", str(args.nsamples), "--seed", str(c["seed"]), "--method", c["method"].removesuffix("+obs"),
-               "--output", str(out), "--quiet"]
-        if c["method"].endswith("+obs"):
-            cmd += ["--update", "obs"]
-        if c["sparsity"] == "2:4":
-            cmd += ["--structure", "2:4"]
-        else:
-            cmd += ["--target-sparsity", str(c["sparsity"]), "--allocation", c["allocation"], "--group", c["group"]]
-        cmd += c.get("extra", [])
+               "--nsamples", str(args.nsamples), "--output", str(out), "--quiet", *method_flags(c)]
         timed = [gnu_time(), "-f", "%M", "-o", str(Path(scratch) / "rss")] if gnu_time() else []
         t0 = time.perf_counter()
         done = subprocess.run(timed + cmd, capture_output=True, text=True)
@@ -131,40 +123,21 @@ def plot(rows: list[dict], dense_row: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="what experiments.llava_smollm2.rebuild wrote")
-    parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, table.md, the plot")
-    parser.add_argument("--scratch", type=Path, default=None, help="folder for pruned copies (default: system tmp)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS))
-    parser.add_argument("--groups", nargs="+", default=list(GROUPS))
-    parser.add_argument("--configs", nargs="+", default=None, metavar="METHOD/ALLOCATION/GROUP",
-                        help="run these combinations instead of the product of --methods, --allocations, --groups")
-    parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    add_grid_arguments(parser, seeds=[0])
     parser.add_argument("--nsamples", type=int, default=128, help="calibration records (default 128, the seed's)")
     parser.add_argument("--eval-nsamples", type=int, default=500, help="evaluation records (default 500)")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="more `multiflow run` flags for every configuration (last on the line)")
+    add_extra_argument(parser)
     args = parser.parse_args()
     args.sparsities = [s if s == "2:4" else float(s) for s in args.sparsities]
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = args.out / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    done = {config_key(r) for r in rows if "error" not in r}
     dense_path = args.out / "dense.json"
     if not dense_path.is_file():
         with tempfile.TemporaryDirectory(prefix="llava-smollm2-", dir=args.scratch) as scratch:
             dense_row = {"method": "dense", **evaluate(args.model, None, args, Path(scratch))}
         dense_path.write_text(json.dumps({**dense_row, "git": git_rev(REPO)}, indent=2) + "\n")
     dense_row = json.loads(dense_path.read_text())
-    todo = [c for c in grid(args) if config_key(c) not in done]
-    for i, c in enumerate(todo, 1):
-        if args.extra:
-            c["extra"] = args.extra
-        row = {**run_config(c, args), "git": git_rev(REPO), "nsamples": args.nsamples}
-        print(f"[{i}/{len(todo)}] {json.dumps(row)}", flush=True)
-        rows = [r for r in rows if config_key(r) != config_key(row)] + [row]
-        results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = run_grid(args, lambda c: run_config(c, args), {"nsamples": args.nsamples})
     (args.out / "table.md").write_text(table(rows, dense_row))
     plot(rows, dense_row, args.out / "accuracy_vs_sparsity.png")
     print((args.out / "table.md").read_text())

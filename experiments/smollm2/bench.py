@@ -41,20 +41,61 @@ def config_key(c: dict) -> str:
     return "|".join(f"{k}={c[k]}" for k in ("method", "allocation", "group", "sparsity", "seed"))
 
 
+def method_flags(c: dict) -> list[str]:
+    """The `multiflow run` flags of one configuration: method (`<score>+obs` = --update obs), sparsity or N:M,
+    allocation and group, then its extra flags."""
+    flags = ["--seed", str(c["seed"]), "--method", c["method"].removesuffix("+obs")]
+    if c["method"].endswith("+obs"):  # the score chooses the mask inside SparseGPT's pass, with its OBS update
+        flags += ["--update", "obs"]
+    if c["sparsity"] == "2:4":
+        flags += ["--structure", "2:4"]
+    else:
+        flags += ["--target-sparsity", str(c["sparsity"]), "--allocation", c["allocation"], "--group", c["group"]]
+    return flags + c.get("extra", [])
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, seeds: list[int]) -> None:
+    """The options both judges' benchmarks share: output, scratch, the grid, the extra run flags (last)."""
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, table.md, the plot")
+    parser.add_argument("--scratch", type=Path, default=None, help="folder for pruned copies (default: system tmp)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS))
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS))
+    parser.add_argument("--configs", nargs="+", default=None, metavar="METHOD/ALLOCATION/GROUP",
+                        help="run these combinations instead of the product of --methods, --allocations, --groups")
+    parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+
+
+def add_extra_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="more `multiflow run` flags for every configuration (last on the line)")
+
+
+def run_grid(args, run_config, fields: dict) -> list[dict]:
+    """Every configuration of the grid not yet in --out/results.jsonl, one at a time: `run_config(c)` gives its
+    row (plus `fields` and the git revision), appended to results.jsonl as it comes. Returns all rows."""
+    results = args.out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    done = {config_key(r) for r in rows if "error" not in r}
+    todo = [c for c in grid(args) if config_key(c) not in done]
+    for i, c in enumerate(todo, 1):
+        if args.extra:
+            c["extra"] = args.extra
+        row = {**run_config(c), "git": git_rev(REPO), **fields}
+        print(f"[{i}/{len(todo)}] {json.dumps(row)}", flush=True)
+        rows = [r for r in rows if config_key(r) != config_key(row)] + [row]
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def run_config(c: dict, args, work: Path) -> dict:
     model = work / "model"
     with tempfile.TemporaryDirectory(prefix="smollm2-", dir=args.scratch) as scratch:
         out = Path(scratch) / "pruned"
         cmd = [*CLI, "run", "--model", str(model), "--data", str(work / "calibration.txt"),
-               "--seq-len", str(args.seq_len), "--nsamples", str(args.nsamples), "--seed", str(c["seed"]),
-               "--method", c["method"].removesuffix("+obs"), "--output", str(out), "--quiet"]
-        if c["method"].endswith("+obs"):  # the score chooses the mask inside SparseGPT's pass, with its OBS update
-            cmd += ["--update", "obs"]
-        if c["sparsity"] == "2:4":
-            cmd += ["--structure", "2:4"]
-        else:
-            cmd += ["--target-sparsity", str(c["sparsity"]), "--allocation", c["allocation"], "--group", c["group"]]
-        cmd += c.get("extra", [])
+               "--seq-len", str(args.seq_len), "--nsamples", str(args.nsamples), "--output", str(out), "--quiet",
+               *method_flags(c)]
         timed = [gnu_time(), "-f", "%M", "-o", str(Path(scratch) / "rss")] if gnu_time() else []
         t0 = time.perf_counter()
         done = subprocess.run(timed + cmd, capture_output=True, text=True)
@@ -163,41 +204,22 @@ def plot(rows: list[dict], dense_row: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="what experiments.smollm2.prepare wrote")
-    parser.add_argument("--out", type=Path, required=True, help="folder for results.jsonl, table.md, the plot")
-    parser.add_argument("--scratch", type=Path, default=None, help="folder for pruned copies (default: system tmp)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS))
-    parser.add_argument("--groups", nargs="+", default=list(GROUPS))
-    parser.add_argument("--configs", nargs="+", default=None, metavar="METHOD/ALLOCATION/GROUP",
-                        help="run these combinations instead of the product of --methods, --allocations, --groups")
-    parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "0.8", "2:4"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_grid_arguments(parser, seeds=[0, 1, 2])
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--eval-windows", type=int, default=32, help="evaluation windows (default 32)")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="more `multiflow run` flags for every configuration (last on the line)")
+    add_extra_argument(parser)
     args = parser.parse_args()
     args.sparsities = [s if s == "2:4" else float(s) for s in args.sparsities]
     work = args.workdir.expanduser()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    done = {config_key(r) for r in rows if "error" not in r}
     dense_path = args.out / "dense.json"
     if not dense_path.is_file():
         dense_path.write_text(json.dumps({**dense(args, work), "git": git_rev(REPO), "seq_len": args.seq_len,
                                           "eval_windows": args.eval_windows}, indent=2) + "\n")
     dense_row = json.loads(dense_path.read_text())
-    todo = [c for c in grid(args) if config_key(c) not in done]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for i, c in enumerate(todo, 1):
-        if args.extra:
-            c["extra"] = args.extra
-        row = {**run_config(c, args, work), "git": git_rev(REPO), "nsamples": args.nsamples, "seq_len": args.seq_len}
-        print(f"[{i}/{len(todo)}] {json.dumps(row)}", flush=True)
-        rows = [r for r in rows if config_key(r) != config_key(row)] + [row]
-        results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = run_grid(args, lambda c: run_config(c, args, work), {"nsamples": args.nsamples, "seq_len": args.seq_len})
     (args.out / "table.md").write_text(table(rows, dense_row))
     plot(rows, dense_row, args.out / "ppl_vs_sparsity.png")
     print((args.out / "table.md").read_text())
