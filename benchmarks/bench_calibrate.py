@@ -59,7 +59,8 @@ Target: (peak of stats - peak of plain) / size of the statistics <= 2.
 
 `--profile` adds a diagnosis: one plain and one stats/split pass under torch.profiler
 (self CPU time per op, stats minus plain), the seconds spent inside the hooks, and how
-often `square_sums` ran (the q/k/v and gate/up inputs are meant to be summed once).
+often an input was read (`masked_square_sums`: the q/k/v and gate/up inputs are meant to be
+read once, with all their masks).
 """
 
 from __future__ import annotations
@@ -337,11 +338,11 @@ def profile_main(setup: Setup, args) -> None:
 
     batches = setup.batches[: args.profile_batches] if args.profile_batches else setup.batches
     counts = {"square_sums": 0, "hook_calls": 0, "hook_seconds": 0.0}
-    orig_square_sums, orig_hook_for = mstats.square_sums, mstats.Collector.hook_for
+    orig_square_sums, orig_hook_for = mstats.masked_square_sums, mstats.Collector.hook_for
 
-    def counted_square_sums(x, keep):
+    def counted_square_sums(x, keeps):  # one call per input read (every mask of that input at once)
         counts["square_sums"] += 1
-        return orig_square_sums(x, keep)
+        return orig_square_sums(x, keeps)
 
     def timed_hook_for(self, name):
         hook = orig_hook_for(self, name)
@@ -370,7 +371,7 @@ def profile_main(setup: Setup, args) -> None:
     print(f"\n## --profile: {len(batches)} batch(es), torch.profiler (self CPU seconds per op)\n", flush=True)
     ops("plain")  # the profiler's own first-use costs land here (thrown away)
     plain_s, plain_ops = ops("plain")
-    mstats.square_sums, mstats.Collector.hook_for = counted_square_sums, timed_hook_for
+    mstats.masked_square_sums, mstats.Collector.hook_for = counted_square_sums, timed_hook_for
     try:
         for variant in ("stats", "split"):
             counts.update(square_sums=0, hook_calls=0, hook_seconds=0.0)
@@ -395,7 +396,7 @@ def profile_main(setup: Setup, args) -> None:
                 print(f"| {key} | {diff:+.3f} | {sec:.3f} | {n} | {psec:.3f} | {pn} |")
             print(flush=True)
     finally:
-        mstats.square_sums, mstats.Collector.hook_for = orig_square_sums, orig_hook_for
+        mstats.masked_square_sums, mstats.Collector.hook_for = orig_square_sums, orig_hook_for
 
 
 # ---------------------------------------------------------------------------------------------------------------

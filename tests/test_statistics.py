@@ -161,3 +161,81 @@ def test_shared_input_is_summed_once(monkeypatch):
         with collector.batch(torch.ones(1, 4, dtype=torch.long)):
             toy(torch.randn(1, 2, 3), torch.randn(1, 4, 2))
     assert len(calls) == 2  # shared input of q/k once, o's input once
+
+
+@pytest.mark.parametrize("rows", [1, 255, 256, 257, 700])
+def test_bf16_square_sums_within_1e5_of_a_float64_sum(rows):
+    """bfloat16 inputs: one pass over the bits, float32 chunk sums, float64 total; every mask, chunk edges."""
+    import multiflow.calibration.statistics as st
+
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 37, generator=g) * torch.logspace(-3, 3, 37)).bfloat16()
+    x[0, 0] = 0
+    keep = torch.rand(rows, generator=g) > 0.3
+    image = keep & (torch.rand(rows, generator=g) > 0.5)
+    got = st.masked_square_sums(x, [keep, image, keep & ~image, None])
+    for (sums, n), mask in zip(got, [keep, image, keep & ~image, torch.ones(rows, dtype=torch.bool)]):
+        exact = (x.double().square() * mask.double()[:, None]).sum(0)
+        assert n == int(mask.sum()) and sums.dtype == torch.float64
+        assert torch.all((sums - exact).abs() <= 1e-5 * exact)
+
+
+def test_float32_square_sums_are_the_plain_product_bit_for_bit():
+    """Asking for several masks at once squares once and changes no float32 bit."""
+    import multiflow.calibration.statistics as st
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 64, generator=g)
+    keep = torch.rand(3, 50, generator=g) > 0.2
+    image = keep & (torch.rand(3, 50, generator=g) > 0.5)
+    got = st.masked_square_sums(x, [keep, image, None])
+    rows = x.reshape(-1, 64)
+    assert torch.equal(got[0][0], (keep.reshape(-1).float() @ rows.square()).double())
+    assert torch.equal(got[1][0], (image.reshape(-1).float() @ rows.square()).double())
+    assert torch.equal(got[2][0], rows.square().sum(0).double())
+
+
+def test_bf16_square_sums_flag_non_finite_inputs():
+    import multiflow.calibration.statistics as st
+
+    x = torch.ones(300, 8, dtype=torch.bfloat16)
+    x[299, 3] = float("inf")
+    x[5, 1] = 1e20  # its square is beyond float32
+    sums, _ = st.square_sums(x, None)
+    assert torch.isinf(sums[3]) and torch.isinf(sums[1]) and torch.isfinite(sums[[0, 2, 4]]).all()
+
+
+def test_split_statistics_square_each_input_once(monkeypatch):
+    """With image/text statistics, all three sums of an input come from one masked_square_sums call."""
+    import multiflow.calibration.statistics as st
+
+    calls = []
+    real = st.masked_square_sums
+    monkeypatch.setattr(st, "masked_square_sums", lambda x, keeps: calls.append(len(keeps)) or real(x, keeps))
+    toy = Toy()
+    with collect_statistics(toy, ["lm.q", "lm.k", "lm.o"], r"^lm\.", split_token_types=True) as collector:
+        with collector.batch(torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0]])):
+            toy(torch.randn(1, 2, 3), torch.randn(1, 4, 2))
+    assert calls == [3, 3]  # q/k's shared input, then o's: three masks each, one call
+
+
+def test_bf16_calibration_statistics_within_bf16_rounding_of_float32(tmp_path):
+    """The stated tolerance of `--dtype bfloat16`: on the bundled model (16 samples, split by token type), each
+    layer's statistics are within 2^-6 of the float32 run's in relative L2 norm, and their median per-feature
+    relative difference within 2^-7 (bfloat16 keeps 8 bits: the forward's rounding, not the statistics' sums)."""
+    from multiflow import api
+    from multiflow.demo import TRAINED as DEMO_MODEL
+    from multiflow.storage.stats_file import load_stats
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        api.calibrate(DEMO_MODEL, tmp_path / f"{dtype}.safetensors", nsamples=16, dtype=dtype, split_token_types=True)
+        runs[dtype], _ = load_stats(tmp_path / f"{dtype}.safetensors")
+    assert runs["float32"].keys() == runs["bfloat16"].keys()
+    for name, exact in runs["float32"].items():
+        for kind, (ref, got) in {"all": (exact.sq_mean, runs["bfloat16"][name].sq_mean),
+                                 **{t: (exact.by_type[t][0], runs["bfloat16"][name].by_type[t][0])
+                                    for t in exact.by_type if exact.by_type[t][0] is not None}}.items():
+            ref, got = ref.double(), got.double()
+            assert (got - ref).norm() <= 2**-6 * ref.norm(), (name, kind)
+            assert ((got - ref).abs() / ref.clamp_min(1e-30)).median() <= 2**-7, (name, kind)

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,13 +40,78 @@ def square_sums(x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tenso
     x: [..., in_features]; keep: bool mask over x's leading dims, or None for all.
     Returns (float64 [in_features], rows counted).
     """
-    rows = x.reshape(-1, x.shape[-1]).float()
-    if keep is None:
-        return rows.square().sum(0).double(), rows.shape[0]
-    keep = keep.reshape(-1).to(device=rows.device)
-    if keep.shape[0] != rows.shape[0]:
-        raise ValueError(f"mask covers {keep.shape[0]} positions, input has {rows.shape[0]}")
-    return (keep.float() @ rows.square()).double(), int(keep.sum())
+    return masked_square_sums(x, [keep])[0]
+
+
+def masked_square_sums(x: torch.Tensor, keeps: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, int]]:
+    """square_sums(x, keep) for each keep, with x read and squared once.
+
+    float32 (and every dtype but bfloat16 on the CPU): x in float32, squared once, one float32 reduction per
+    mask, as a plain `(keep @ x^2)`: the float32 results never depend on how many masks are asked.
+    bfloat16 on the CPU (with numba): one pass over x's bits that squares in float32, sums chunks of
+    `_CHUNK_ROWS` rows per mask in float32 and the chunks in float64, in row order for every column (so the
+    result does not depend on the batch's split into threads), with no float32 copy of x: within 1e-5 relative of a
+    float64 sum of the same bfloat16 values (float32 rounding of the chunk sums; tested).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    masks = []
+    for keep in keeps:
+        if keep is not None:
+            keep = keep.reshape(-1).to(device=rows.device)
+            if keep.shape[0] != rows.shape[0]:
+                raise ValueError(f"mask covers {keep.shape[0]} positions, input has {rows.shape[0]}")
+        masks.append(keep)
+    if rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and _bf16_kernel is not None:
+        return _bf16_square_sums(rows, masks)
+    squares = rows.float().square()
+    return [(squares.sum(0).double(), rows.shape[0]) if keep is None else
+            ((keep.float() @ squares).double(), int(keep.sum())) for keep in masks]
+
+
+_CHUNK_ROWS = 256  # bfloat16 kernel: rows summed in float32 before their sum goes into the float64 total
+
+try:  # numba: the bfloat16 pass without a float32 copy of the activations; optional (torch path otherwise)
+    import numba
+
+    @numba.njit(nogil=True, cache=True)
+    def _bf16_kernel(bits, masks, chunk, out):  # pragma: no cover - compiled
+        """out[m] += sum over rows r with masks[m, r] of float32(bits[r])^2 (bits: bfloat16's uint16 [n, d])."""
+        n, k, width = bits.shape[0], masks.shape[0], bits.shape[1]
+        wide = np.empty(width, np.uint32)
+        value = wide.view(np.float32)
+        acc = np.zeros((k, width), np.float32)
+        for start in range(0, n, chunk):
+            for r in range(start, min(n, start + chunk)):
+                row = bits[r]
+                for c in range(width):
+                    wide[c] = np.uint32(row[c]) << 16
+                for m in range(k):
+                    if masks[m, r]:
+                        total = acc[m]
+                        for c in range(width):
+                            total[c] += value[c] * value[c]
+            for m in range(k):
+                for c in range(width):
+                    out[m, c] += acc[m, c]
+                    acc[m, c] = 0.0
+
+except ImportError:  # pragma: no cover - exercised only without numba
+    _bf16_kernel = None
+
+
+def _bf16_square_sums(rows: torch.Tensor, masks: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, int]]:
+    n, d = rows.shape
+    bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+    table = np.ones((len(masks), n), np.uint8)
+    for m, keep in enumerate(masks):
+        if keep is not None:
+            table[m] = keep.numpy()
+    out = np.zeros((len(masks), d), np.float64)
+    # One thread: ~0.5 ms for 1,084 x 2,816 (7x the float32 copy, square and product it replaces); a thread
+    # pool per call cost more than it saved.
+    _bf16_kernel(bits, table, _CHUNK_ROWS, out)
+    counts = table.sum(1, dtype=np.int64).tolist()
+    return [(torch.from_numpy(out[m]), counts[m]) for m in range(len(masks))]
 
 
 def _fits(x: torch.Tensor, keep: torch.Tensor) -> bool:
@@ -147,11 +213,11 @@ class Collector:
                     "inside Collector.batch(...) without a KV cache"
                 )
             keep = b.keep.to(x.device)
-            out = {"all": square_sums(x, keep)}
             if self.split:
                 image = (b.image if b.image is not None else torch.zeros_like(b.keep)).to(x.device)
-                out["image"] = square_sums(x, image)
-                out["text"] = square_sums(x, keep & ~image)
+                out = dict(zip(("all", "image", "text"), masked_square_sums(x, [keep, image, keep & ~image])))
+            else:
+                out = {"all": square_sums(x, keep)}
         else:
             out = {"all": square_sums(x, None)}
         b.last = (weakref.ref(x), aligned, out)
