@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ import time
 from pathlib import Path
 
 from benchmarks._common import git_rev, gnu_time
-from experiments.smollm2.bench import add_extra_argument, add_grid_arguments, config_key, method_flags, run_grid
+from experiments.smollm2.bench import (Metric, add_extra_argument, add_grid_arguments, method_flags, plot, run_grid,
+                                      table)
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "multiflow.cli"]
@@ -68,56 +68,9 @@ def run_config(c: dict, args) -> dict:
                 "run_s": round(run_s, 1), "eval_s": round(time.perf_counter() - t1, 1), "peak_rss_gib": rss}
 
 
-def table(rows: list[dict], dense_row: dict) -> str:
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if "error" not in r:
-            groups.setdefault((r["method"], r["allocation"], r["group"], str(r["sparsity"])), []).append(r)
-    sparsities = sorted({k[3] for k in groups}, key=lambda s: (s == "2:4", s))
-    lines = [f"Dense accuracy {100 * dense_row['accuracy']:.1f}% on {dense_row['nsamples_eval']} evaluation records "
-             f"(per kind: {', '.join(f'{k} {100 * v:.1f}%' for k, v in dense_row['per_kind'].items())}).", "",
-             "Exact-match accuracy % (mean over calibration seeds; KL(dense||pruned) per answer token in brackets)",
-             "", "| method | allocation | group | " + " | ".join(sparsities) + " |",
-             "|---|---|---|" + "---|" * len(sparsities)]
-    for cfg in sorted({k[:3] for k in groups}):
-        cells = []
-        for s in sparsities:
-            rs = groups.get((*cfg, s))
-            if not rs:
-                cells.append("")
-                continue
-            acc = statistics.mean(100 * r["accuracy"] for r in rs)
-            spread = f" ±{statistics.stdev(100 * r['accuracy'] for r in rs):.1f}" if len(rs) > 1 else ""
-            cells.append(f"{acc:.1f}{spread} ({statistics.mean(r['kl'] for r in rs):.3f})")
-        lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | " + " | ".join(cells) + " |")
-    errors = [r for r in rows if "error" in r]
-    if errors:
-        lines += ["", "Failed configurations:", ""] + [f"- {config_key(r)}: {r['error']}" for r in errors]
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], dense_row: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    series: dict[str, dict[float, list[float]]] = {}
-    for r in rows:
-        if "error" not in r and r["sparsity"] != "2:4":
-            series.setdefault(f"{r['method']} / {r['allocation']} / {r['group']}", {}).setdefault(
-                float(r["sparsity"]), []).append(100 * r["accuracy"])
-    for label, points in sorted(series.items()):
-        xs = sorted(points)
-        ax.plot(xs, [statistics.mean(points[x]) for x in xs], marker="o", label=label)
-    ax.axhline(100 * dense_row["accuracy"], color="black", linestyle="--", label="dense")
-    ax.set_xlabel("target sparsity")
-    ax.set_ylabel("digits VQA exact match (%)")
-    ax.set_title("LLaVA with SmolLM2-135M-Instruct: what pruning costs")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+ACCURACY = Metric("accuracy", 100, 1, "Exact-match accuracy % (mean over calibration seeds; KL(dense||pruned) per "
+                  "answer token in brackets)", "digits VQA exact match (%)",
+                  "LLaVA with SmolLM2-135M-Instruct: what pruning costs")
 
 
 def main() -> None:
@@ -138,8 +91,10 @@ def main() -> None:
         dense_path.write_text(json.dumps({**dense_row, "git": git_rev(REPO)}, indent=2) + "\n")
     dense_row = json.loads(dense_path.read_text())
     rows = run_grid(args, lambda c: run_config(c, args), {"nsamples": args.nsamples})
-    (args.out / "table.md").write_text(table(rows, dense_row))
-    plot(rows, dense_row, args.out / "accuracy_vs_sparsity.png")
+    header = (f"Dense accuracy {100 * dense_row['accuracy']:.1f}% on {dense_row['nsamples_eval']} evaluation records "
+              f"(per kind: {', '.join(f'{k} {100 * v:.1f}%' for k, v in dense_row['per_kind'].items())}).")
+    (args.out / "table.md").write_text(table(rows, header, ACCURACY))
+    plot(rows, dense_row, args.out / "accuracy_vs_sparsity.png", ACCURACY)
     print((args.out / "table.md").read_text())
 
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks._common import git_rev, gnu_time
@@ -146,28 +147,45 @@ def grid(args) -> list[dict]:
     return configs
 
 
-def table(rows: list[dict], dense_row: dict) -> str:
+@dataclass(frozen=True)
+class Metric:
+    """What a judge's table and plot show: the result field, its scale and decimals, and the captions."""
+
+    key: str            # the field of a result row ("perplexity", "accuracy")
+    scale: float        # shown as scale * value (100 for a percentage)
+    digits: int         # decimals of a cell and of its spread over seeds
+    caption: str        # the line above the table
+    axis: str           # the plot's y label
+    title: str          # the plot's title
+    log: bool = False   # log-scale y axis
+
+
+PERPLEXITY = Metric("perplexity", 1, 2, "Perplexity (mean over calibration seeds; KL(dense||pruned) per token in "
+                    "brackets)", "perplexity (GNU standards text, log scale)",
+                    "SmolLM2-135M-Instruct: what pruning costs", log=True)
+
+
+def table(rows: list[dict], header: str, metric: Metric) -> str:
+    """Markdown: one row per (method, allocation, group), one column per sparsity; mean (± spread over seeds)
+    and mean KL in brackets; failed configurations listed below."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "error" not in r:
             groups.setdefault((r["method"], r["allocation"], r["group"], str(r["sparsity"])), []).append(r)
     sparsities = sorted({k[3] for k in groups}, key=lambda s: (s == "2:4", s))
-    configs = sorted({k[:3] for k in groups})
-    lines = [f"Dense perplexity {dense_row['perplexity']:.3f} on {dense_row['tokens']} evaluation tokens.", "",
-             "Perplexity (mean over calibration seeds; KL(dense||pruned) per token in brackets)", "",
-             "| method | allocation | group | " + " | ".join(sparsities) + " |",
+    lines = [header, "", metric.caption, "", "| method | allocation | group | " + " | ".join(sparsities) + " |",
              "|---|---|---|" + "---|" * len(sparsities)]
-    for cfg in configs:
+    for cfg in sorted({k[:3] for k in groups}):
         cells = []
         for s in sparsities:
             rs = groups.get((*cfg, s))
             if not rs:
                 cells.append("")
                 continue
-            ppl = statistics.mean(r["perplexity"] for r in rs)
-            spread = f" ±{statistics.stdev(r['perplexity'] for r in rs):.2f}" if len(rs) > 1 else ""
-            kl = statistics.mean(r["kl"] for r in rs)
-            cells.append(f"{ppl:.2f}{spread} ({kl:.3f})")
+            values = [metric.scale * r[metric.key] for r in rs]
+            spread = f" ±{statistics.stdev(values):.{metric.digits}f}" if len(rs) > 1 else ""
+            cells.append(f"{statistics.mean(values):.{metric.digits}f}{spread} "
+                         f"({statistics.mean(r['kl'] for r in rs):.3f})")
         lines.append(f"| {cfg[0]} | {cfg[1]} | {cfg[2]} | " + " | ".join(cells) + " |")
     errors = [r for r in rows if "error" in r]
     if errors:
@@ -175,7 +193,8 @@ def table(rows: list[dict], dense_row: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], dense_row: dict, path: Path) -> None:
+def plot(rows: list[dict], dense_row: dict, path: Path, metric: Metric) -> None:
+    """The metric against sparsity, one line per configuration (mean over seeds; 2:4 left out), dense dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,18 +203,18 @@ def plot(rows: list[dict], dense_row: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict[str, dict[float, list[float]]] = {}
     for r in rows:
-        if "error" in r or r["sparsity"] == "2:4":
-            continue
-        series.setdefault(f"{r['method']} / {r['allocation']} / {r['group']}", {}).setdefault(
-            float(r["sparsity"]), []).append(r["perplexity"])
+        if "error" not in r and r["sparsity"] != "2:4":
+            series.setdefault(f"{r['method']} / {r['allocation']} / {r['group']}", {}).setdefault(
+                float(r["sparsity"]), []).append(metric.scale * r[metric.key])
     for label, points in sorted(series.items()):
         xs = sorted(points)
         ax.plot(xs, [statistics.mean(points[x]) for x in xs], marker="o", label=label)
-    ax.axhline(dense_row["perplexity"], color="black", linestyle="--", label="dense")
-    ax.set_yscale("log")
+    ax.axhline(metric.scale * dense_row[metric.key], color="black", linestyle="--", label="dense")
+    if metric.log:
+        ax.set_yscale("log")
     ax.set_xlabel("target sparsity")
-    ax.set_ylabel("perplexity (GNU standards text, log scale)")
-    ax.set_title("SmolLM2-135M-Instruct: what pruning costs")
+    ax.set_ylabel(metric.axis)
+    ax.set_title(metric.title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -220,8 +239,9 @@ def main() -> None:
     dense_row = json.loads(dense_path.read_text())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = run_grid(args, lambda c: run_config(c, args, work), {"nsamples": args.nsamples, "seq_len": args.seq_len})
-    (args.out / "table.md").write_text(table(rows, dense_row))
-    plot(rows, dense_row, args.out / "ppl_vs_sparsity.png")
+    header = f"Dense perplexity {dense_row['perplexity']:.3f} on {dense_row['tokens']} evaluation tokens."
+    (args.out / "table.md").write_text(table(rows, header, PERPLEXITY))
+    plot(rows, dense_row, args.out / "ppl_vs_sparsity.png", PERPLEXITY)
     print((args.out / "table.md").read_text())
 
 
