@@ -287,17 +287,21 @@ def test_step_1_runs_once_in_run_and_never_with_a_distribution(checkpoints, tmp_
 
 @pytest.mark.unit
 def test_the_numba_passes_give_the_same_on_any_number_of_slices(monkeypatch):
-    """kth_smallest and zero_at_or_below cut their passes into one slice per thread: 1, 2 or 3 slices (odd
-    sizes) give the same k-th value, the same bits and the same counts."""
+    """kth_smallest, zero_at_or_below and Step 1's histograms cut their passes into one slice per thread: 1, 2 or
+    3 slices (odd sizes) give the same k-th value, the same bits, the same counts and the same histograms."""
+    from multiflow.distribution import selection
     from multiflow.pruning import masks
 
     g = torch.Generator().manual_seed(1)
     weight = ((torch.randn(1201, 997, generator=g) * 8).round() / 8).to(torch.bfloat16)
     score = weight.float().abs()
-    monkeypatch.setattr(masks, "_SLICE", 1 << 18)
+    monkeypatch.setattr(selection, "_SLICE", 1 << 18)
+    space = selection.KEY_SPACES[torch.bfloat16]
+    unsliced = selection.coarse_histogram(weight, space, use_numba=False)
     results = []
     for threads in (1, 2, 3):
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        assert torch.equal(selection.coarse_histogram(weight, space), unsliced), threads
         got = weight.clone()
         t = masks.kth_smallest(score, 400_000)
         results.append((float(t), masks.zero_at_or_below(got, score, t), got.view(torch.int16)))

@@ -17,6 +17,7 @@ Everything here is pure and works on tensors; reading weights lives elsewhere.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,24 @@ try:  # numba makes the histogram ~3x faster than torch.bincount; optional.
 
 except ImportError:  # pragma: no cover - exercised only without numba
     _histogram_kernel = _fine_kernel = None
+
+
+_SLICE = 1 << 22  # the numba passes run on slices of at least this many elements, one thread each
+
+
+def in_slices(fn, *flat) -> list:
+    """[fn(*slices) for each slice]: the 1-D arrays or tensors `flat` cut into the same contiguous slices, one per
+    thread (up to torch.get_num_threads()), run at once (the numba kernels release the GIL). Callers add the
+    slices' integer counts, so the result does not depend on the number of threads."""
+    n = len(flat[0])
+    parts = max(1, min(torch.get_num_threads(), n // _SLICE))
+    if parts == 1:
+        return [fn(*flat)]
+    bounds = [n * i // parts for i in range(parts + 1)]
+    with ThreadPoolExecutor(parts - 1, thread_name_prefix="multiflow-slice") as pool:
+        rest = [pool.submit(fn, *(t[a:b] for t in flat)) for a, b in zip(bounds[1:-1], bounds[2:])]
+        first = fn(*(t[: bounds[1]] for t in flat))  # this thread takes the first slice
+        return [first, *(f.result() for f in rest)]
 
 
 @dataclass(frozen=True)
@@ -94,23 +113,31 @@ def key_space_for(dtypes: set[torch.dtype]) -> KeySpace:
 def coarse_histogram(weight: torch.Tensor, space: KeySpace, use_numba: bool = True) -> torch.Tensor:
     """int64 histogram of key >> shift over all elements of weight."""
     weight = weight.to(space.dtype).contiguous()
-    hist = torch.zeros(space.coarse_bins, dtype=torch.int64)
     if use_numba and _histogram_kernel is not None:
         unsigned = np.uint16 if space.int_dtype == torch.int16 else np.uint32
         bits = weight.reshape(-1).view(space.int_dtype).numpy().view(unsigned)
-        _histogram_kernel(bits, unsigned(space.mask), unsigned(space.shift), hist.numpy())
-        return hist
+
+        def count(part):
+            hist = np.zeros(space.coarse_bins, np.int64)
+            _histogram_kernel(part, unsigned(space.mask), unsigned(space.shift), hist)
+            return hist
+
+        return torch.from_numpy(sum(in_slices(count, bits)))
     coarse = space.keys(weight) >> space.shift
-    return hist + torch.bincount(coarse, minlength=space.coarse_bins)
+    return torch.bincount(coarse, minlength=space.coarse_bins)
 
 
 def fine_histogram(weight: torch.Tensor, space: KeySpace, coarse_bin: int, use_numba: bool = True) -> torch.Tensor:
     """int64 histogram of the low `shift` bits of the keys inside one coarse bin."""
     if use_numba and _fine_kernel is not None and space.int_dtype == torch.int32:
-        hist = torch.zeros(space.fine_bins, dtype=torch.int64)
         bits = weight.to(space.dtype).contiguous().reshape(-1).view(torch.int32).numpy().view(np.uint32)
-        _fine_kernel(bits, np.uint32(space.mask), np.uint32(space.shift), np.uint32(coarse_bin), hist.numpy())
-        return hist
+
+        def count(part):
+            hist = np.zeros(space.fine_bins, np.int64)
+            _fine_kernel(part, np.uint32(space.mask), np.uint32(space.shift), np.uint32(coarse_bin), hist)
+            return hist
+
+        return torch.from_numpy(sum(in_slices(count, bits)))
     keys = space.keys(weight)
     inside = keys[(keys >> space.shift) == coarse_bin] & (space.fine_bins - 1)
     return torch.bincount(inside, minlength=space.fine_bins)

@@ -15,7 +15,6 @@ Conventions, named once:
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,32 +26,14 @@ from multiflow.distribution import selection
 _HISTOGRAM_AT = 1 << 20  # scores from this size on: bit-pattern selection, several times faster than kthvalue
 
 
-_SLICE = 1 << 22  # the numba passes below run on slices of at least this many elements, one thread each
-
-
-def _in_slices(fn, *flat: torch.Tensor) -> list:
-    """[fn(*slices) for each slice]: the 1-D tensors `flat` cut into the same contiguous slices, one per thread
-    (up to torch.get_num_threads()), run at once (the numba kernels release the GIL). Callers add the slices'
-    integer counts, so the result does not depend on the number of threads."""
-    n = flat[0].numel()
-    parts = max(1, min(torch.get_num_threads(), n // _SLICE))
-    if parts == 1:
-        return [fn(*flat)]
-    bounds = [n * i // parts for i in range(parts + 1)]
-    with ThreadPoolExecutor(parts - 1, thread_name_prefix="multiflow-slice") as pool:
-        rest = [pool.submit(fn, *(t[a:b] for t in flat)) for a, b in zip(bounds[1:-1], bounds[2:])]
-        first = fn(*(t[: bounds[1]] for t in flat))  # this thread takes the first slice
-        return [first, *(f.result() for f in rest)]
-
-
 def kth_smallest(score: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value (1-based) of a non-negative float32 tensor, exactly (as torch.kthvalue)."""
     if score.numel() < _HISTOGRAM_AT or score.dtype != torch.float32:
         return torch.kthvalue(score.reshape(-1), k).values
     space = selection.KEY_SPACES[torch.float32]
     flat = score.contiguous().reshape(-1)
-    coarse, rank = selection.locate(sum(_in_slices(lambda s: selection.coarse_histogram(s, space), flat)), k)
-    fine, _ = selection.locate(sum(_in_slices(lambda s: selection.fine_histogram(s, space, coarse), flat)), rank)
+    coarse, rank = selection.locate(selection.coarse_histogram(flat, space), k)
+    fine, _ = selection.locate(selection.fine_histogram(flat, space, coarse), rank)
     return torch.tensor(space.value((coarse << space.shift) | fine), dtype=torch.float32)
 
 
@@ -212,7 +193,7 @@ def zero_at_or_below(weight: torch.Tensor, score: torch.Tensor, threshold: torch
             and weight.is_contiguous() and score.is_contiguous() and weight.device.type == score.device.type == "cpu"):
         int_dtype, unsigned, magnitude = _BITS[weight.dtype]
         limits = np.float32(t.item()), unsigned(magnitude), np.float32(_FLOAT32_MAX)
-        counts = _in_slices(lambda s, w: _zero_kernel(s.numpy(), limits[0], w.numpy().view(unsigned), *limits[1:]),
+        counts = selection.in_slices(lambda s, w: _zero_kernel(s.numpy(), limits[0], w.numpy().view(unsigned), *limits[1:]),
                             score.reshape(-1), weight.reshape(-1).view(int_dtype))
         return Zeroed(*(sum(int(c[i]) for c in counts) for i in range(4)))
     pruned_at = ~(score > t).reshape(weight.shape)
