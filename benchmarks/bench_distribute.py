@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine before trusting the ratios")
 
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
             "cpus": os.cpu_count(), "mem_total": mem.get("MemTotal"), "checkpoint": str(checkpoint),
