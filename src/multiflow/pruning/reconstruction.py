@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -103,6 +104,10 @@ class SparseGPTStep:
 
     def _prune_block(self, loaded, here: list[str]) -> None:
         out: dict[str, torch.Tensor] = {}
+        pruned = [n for n in here if not self.plans[loaded.to_inventory_name[n]].dense
+                  and not self.plans[loaded.to_inventory_name[n]].dead]
+        users = Counter(self._owner.get(n, n) for n in pruned)  # layers still to prune with each shared Hessian
+        taken: dict[str, torch.Tensor] = {}  # H of the owners in use (their accumulators given up)
         for name in here:
             layer_name = loaded.to_inventory_name[name]
             p = self.plans[layer_name]
@@ -113,11 +118,14 @@ class SparseGPTStep:
                 new = torch.zeros(module.weight.shape, dtype=p.layer.dtype)
                 keep = torch.zeros(module.weight.shape, dtype=torch.bool)
             else:
-                acc = self._hessians.get(self._owner.get(name, name))
-                if acc is None or not acc.tokens:
-                    raise MultiflowError(f"{self.flag}: layer {layer_name} saw no calibration token before "
-                                         "it was to be pruned; calibrate with more (or other) samples")
-                hessian = acc.hessian()
+                owner = self._owner.get(name, name)
+                if owner not in taken:
+                    acc = self._hessians.pop(owner, None)
+                    if acc is None or not acc.tokens:
+                        raise MultiflowError(f"{self.flag}: layer {layer_name} saw no calibration token before "
+                                             "it was to be pruned; calibrate with more (or other) samples")
+                    taken[owner] = acc.take_hessian()
+                hessian = taken[owner]
                 score = None if self.score is None else \
                     scores.tile_scorer(self.score, module.weight, torch.diagonal(hessian) / 2)
                 try:
@@ -126,6 +134,10 @@ class SparseGPTStep:
                                                 percdamp=self.percdamp, score=score)
                 except ValueError as exc:
                     raise MultiflowError(f"{self.flag}: layer {layer_name}: {exc}") from None
+                users[owner] -= 1
+                if not users[owner]:  # its last user: free it before the next layer's (7B: up to 969 MB each)
+                    del taken[owner]
+                del hessian, score
                 new = new.to(p.layer.dtype)
             module.weight.copy_(new)  # later blocks see exactly what Step 3 writes (in the calibration dtype)
             out[layer_name] = new.cpu().contiguous()
