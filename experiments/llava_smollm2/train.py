@@ -8,8 +8,9 @@ scikit-learn, the same seeded train / calibration / evaluation split by image, t
 the calibration and evaluation splits are the package's `demo_data/`.
 
 Two stages, both seeded and deterministic for a given --threads:
-  0. the vision tower alone (training images shifted at random by up to 2 of their 32 pixels) learns to tell the digit and the stroke (a linear head on the mean of its
-     `vision_feature_layer` patch features; cheap, no LLM), so that stage 1 starts from useful features;
+  0. the vision tower alone (training images shifted at random by up to 2 of their 32 pixels, as in stage 1)
+     learns to tell the digit and the stroke (a linear head on the mean of its `vision_feature_layer` patch
+     features; cheap, no LLM), so that stage 1 starts from useful features;
   1. LLaVA stage-1 style: the whole model on the VQA records (random train image, kind, phrasing per item),
      cross-entropy on the answer tokens after the generation prompt (answer, `<|im_end|>`, newline), gradients
      through the frozen LLM into the projector and the vision tower only.
@@ -58,7 +59,8 @@ def shift(pixels: torch.Tensor, generator: torch.Generator, max_shift: int) -> t
     by stage 0's head); with shifts of up to 2 pixels, 97% (1,600 steps)."""
     out = pixels.amax(dim=(2, 3), keepdim=True).expand_as(pixels).clone()
     size = pixels.shape[-1]
-    for i, (dy, dx) in enumerate(torch.randint(-max_shift, max_shift + 1, (len(pixels), 2), generator=generator).tolist()):
+    moves = torch.randint(-max_shift, max_shift + 1, (len(pixels), 2), generator=generator).tolist()
+    for i, (dy, dx) in enumerate(moves):
         out[i, :, max(0, dy):size + min(0, dy), max(0, dx):size + min(0, dx)] = \
             pixels[i, :, max(0, -dy):size - max(0, dy), max(0, -dx):size - max(0, dx)]
     return out

@@ -193,8 +193,9 @@ def zero_at_or_below(weight: torch.Tensor, score: torch.Tensor, threshold: torch
             and weight.is_contiguous() and score.is_contiguous() and weight.device.type == score.device.type == "cpu"):
         int_dtype, unsigned, magnitude = _BITS[weight.dtype]
         limits = np.float32(t.item()), unsigned(magnitude), np.float32(_FLOAT32_MAX)
-        counts = selection.in_slices(lambda s, w: _zero_kernel(s.numpy(), limits[0], w.numpy().view(unsigned), *limits[1:]),
-                            score.reshape(-1), weight.reshape(-1).view(int_dtype))
+        counts = selection.in_slices(
+            lambda s, w: _zero_kernel(s.numpy(), limits[0], w.numpy().view(unsigned), *limits[1:]),
+            score.reshape(-1), weight.reshape(-1).view(int_dtype))
         return Zeroed(*(sum(int(c[i]) for c in counts) for i in range(4)))
     pruned_at = ~(score > t).reshape(weight.shape)
     weight.masked_fill_(pruned_at, 0)

@@ -104,9 +104,9 @@ class SparseGPTStep:
 
     def _prune_block(self, loaded, here: list[str]) -> None:
         out: dict[str, torch.Tensor] = {}
-        pruned = [n for n in here if not self.plans[loaded.to_inventory_name[n]].dense
-                  and not self.plans[loaded.to_inventory_name[n]].dead]
-        users = Counter(self._owner.get(n, n) for n in pruned)  # layers still to prune with each shared Hessian
+        plans = {n: self.plans[loaded.to_inventory_name[n]] for n in here}
+        # layers still to prune with each (shared) Hessian
+        users = Counter(self._owner.get(n, n) for n, p in plans.items() if not (p.dense or p.dead))
         taken: dict[str, torch.Tensor] = {}  # H of the owners in use (their accumulators given up)
         for name in here:
             layer_name = loaded.to_inventory_name[name]

@@ -83,19 +83,21 @@ class HessianAccumulator:
         self.xtx.addmm_(rows.T.to(self.xtx.device), rows.to(self.xtx.device))
         self.tokens += rows.shape[0]
 
-    def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / n (float64)."""
+    def _scale(self) -> float:
         if not self.tokens:
             raise ValueError("no calibration token was seen")
-        return self.xtx * (2.0 / self.tokens)
+        return 2.0 / self.tokens
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n (float64)."""
+        return self.xtx * self._scale()
 
     def take_hessian(self) -> torch.Tensor:
         """`hessian()` computed in place of the running sum, which the accumulator gives up (no second
         in_features x in_features float64 copy: 969 MB for LLaVA-1.5-7B's down_proj); the same values bit for bit."""
-        if not self.tokens:
-            raise ValueError("no calibration token was seen")
+        scale = self._scale()
         with torch.inference_mode(self.xtx.is_inference()):  # summed under the calibration's inference mode
-            h, self.xtx = self.xtx.mul_(2.0 / self.tokens), None
+            h, self.xtx = self.xtx.mul_(scale), None
         return h
 
 
