@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from multiflow.pruning import masks
-from multiflow.pruning.sparsegpt import HessianAccumulator, block_counts, sparsegpt_prune
+from multiflow.pruning.sparsegpt import (Factor, HessianAccumulator, _prune_lowest, block_counts, inverse_cholesky,
+                                         sparsegpt_prune)
 
 
 def hessian_of(x: torch.Tensor) -> torch.Tensor:
@@ -81,13 +82,15 @@ def layer(rows=3, cols=6, tokens=20, seed=0, dead=(), quantized=False):
     dict(structure=(1, 3)), dict(structure=(2, 3)), dict(structure=(1, 2), dead=(2,)),
     dict(k=3, group="row", quantized=True),
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_obs_update_and_mask_match_sequential_reference(case):
+@pytest.mark.parametrize("blocksize,inner", [(2, 32), (6, 2)], ids=["blocks-of-2", "blocks-of-6-in-sub-blocks-of-2"])
+def test_obs_update_and_mask_match_sequential_reference(case, blocksize, inner):
+    """Sub-blocks (the lazy update inside a block) change nothing but rounding: the same masks, the same weights."""
     case = dict(case)
     dead = case.pop("dead", ())
     w, x = layer(dead=dead, quantized=case.pop("quantized", False))
     h = hessian_of(x)
-    got_w, got_keep = sparsegpt_prune(w, h, blocksize=2, dtype=torch.float64, **case)
-    want_w, want_keep = reference(w, h, blocksize=2, **case)
+    got_w, got_keep = sparsegpt_prune(w, h, blocksize=blocksize, inner=inner, dtype=torch.float64, **case)
+    want_w, want_keep = reference(w, h, blocksize=blocksize, **case)
     assert torch.equal(got_keep, want_keep)
     assert torch.allclose(got_w, want_w, rtol=0, atol=1e-10)
     assert torch.all(got_w[~got_keep] == 0)
@@ -168,6 +171,37 @@ def test_bit_for_bit_deterministic():
     w, x = layer(rows=16, cols=40, tokens=100, seed=4)
     runs = [sparsegpt_prune(w.float(), hessian_of(x), 300, blocksize=16) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_prune_lowest_is_the_stable_sort_with_ties_kept_in_order(per_row):
+    """The k lowest by k-th value and counted ties = the k last of a stable descending sort, on tiles full of ties
+    (and -inf, the dead inputs), for every k."""
+    g = torch.Generator().manual_seed(7)
+    score = torch.randint(0, 4, (5, 9), generator=g).double()
+    score[:, 2] = -torch.inf
+    for k in range(0, (9 if per_row else 45) + 1):
+        flat = score if per_row else score.reshape(1, -1)
+        order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+        want = torch.ones_like(flat, dtype=torch.bool).scatter_(1, order[:, : flat.shape[1] - k], False)
+        assert torch.equal(_prune_lowest(score, k, per_row), want.reshape(score.shape)), k
+
+
+def test_a_shared_factor_gives_what_the_hessian_gives_bit_for_bit():
+    """q/k/v (and gate/up) share one Hessian: its Factor, computed once (in place of the Hessian), prunes each of
+    them exactly as the Hessian itself would."""
+    _, x = layer(rows=16, cols=40, tokens=100, seed=4, dead=(3,))
+    h = hessian_of(x)
+    consumed = h.clone()
+    factor = Factor.of(consumed, in_place=True)
+    assert consumed.numel() == 0  # its memory went once factored
+    assert torch.equal(factor.u, inverse_cholesky(h)[0].float()) and factor.dead.tolist() == [j == 3 for j in range(40)]
+    for seed in (5, 6):
+        w = torch.randn(16, 40, generator=torch.Generator().manual_seed(seed))
+        want, got = sparsegpt_prune(w, h, 300, blocksize=16), sparsegpt_prune(w, factor, 300, blocksize=16)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    with pytest.raises(ValueError, match="factor is"):
+        sparsegpt_prune(torch.zeros(16, 8), factor, 3)
 
 
 @pytest.mark.parametrize("k,group,pruned", [(10, "layer", 10), (5, "layer", 8), (3, "row", 12)])

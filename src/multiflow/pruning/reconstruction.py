@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from multiflow.errors import MultiflowError
 from multiflow.pruning import scores
 from multiflow.pruning.methods import METHODS
-from multiflow.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
+from multiflow.pruning.sparsegpt import Factor, HessianAccumulator, sparsegpt_prune
 
 
 class SparseGPTStep:
@@ -107,7 +107,7 @@ class SparseGPTStep:
         plans = {n: self.plans[loaded.to_inventory_name[n]] for n in here}
         # layers still to prune with each (shared) Hessian
         users = Counter(self._owner.get(n, n) for n, p in plans.items() if not (p.dense or p.dead))
-        taken: dict[str, torch.Tensor] = {}  # H of the owners in use (their accumulators given up)
+        taken: dict[str, tuple[Factor, torch.Tensor]] = {}  # (factor, diag H) of the owners in use
         for name in here:
             layer_name = loaded.to_inventory_name[name]
             p = self.plans[layer_name]
@@ -119,25 +119,28 @@ class SparseGPTStep:
                 keep = torch.zeros(module.weight.shape, dtype=torch.bool)
             else:
                 owner = self._owner.get(name, name)
-                if owner not in taken:
-                    acc = self._hessians.pop(owner, None)
-                    if acc is None or not acc.tokens:
-                        raise MultiflowError(f"{self.flag}: layer {layer_name} saw no calibration token before "
-                                             "it was to be pruned; calibrate with more (or other) samples")
-                    taken[owner] = acc.take_hessian()
-                hessian = taken[owner]
-                score = None if self.score is None else \
-                    scores.tile_scorer(self.score, module.weight, torch.diagonal(hessian) / 2)
                 try:
-                    new, keep = sparsegpt_prune(module.weight, hessian, p.k, group=self.group,
-                                                structure=self.structure, blocksize=self.blocksize,
-                                                percdamp=self.percdamp, score=score)
+                    if owner not in taken:  # once per shared Hessian, which is factored in place and freed
+                        acc = self._hessians.pop(owner, None)
+                        if acc is None or not acc.tokens:
+                            raise MultiflowError(f"{self.flag}: layer {layer_name} saw no calibration token before "
+                                                 "it was to be pruned; calibrate with more (or other) samples")
+                        hessian = acc.take_hessian()
+                        diagonal = torch.diagonal(hessian).clone()
+                        dtype = torch.promote_types(module.weight.dtype, torch.float32)
+                        taken[owner] = Factor.of(hessian, self.percdamp, dtype, in_place=True), diagonal
+                        del hessian
+                    factor, diagonal = taken[owner]
+                    score = None if self.score is None else \
+                        scores.tile_scorer(self.score, module.weight, diagonal / 2)
+                    new, keep = sparsegpt_prune(module.weight, factor, p.k, group=self.group,
+                                                structure=self.structure, blocksize=self.blocksize, score=score)
                 except ValueError as exc:
                     raise MultiflowError(f"{self.flag}: layer {layer_name}: {exc}") from None
                 users[owner] -= 1
-                if not users[owner]:  # its last user: free it before the next layer's (7B: up to 969 MB each)
+                if not users[owner]:  # its last user: free it before the next layer's (7B: up to 484 MB each)
                     del taken[owner]
-                del hessian, score
+                del factor, diagonal, score
                 new = new.to(p.layer.dtype)
             module.weight.copy_(new)  # later blocks see exactly what Step 3 writes (in the calibration dtype)
             out[layer_name] = new.cpu().contiguous()

@@ -9,7 +9,7 @@ updated weight and its keep-mask, as the reference code (`fasterprune`) does:
    token) get H_jj = 1 and W[:, j] = 0; they are pruned before any other weight.
 2. Dampening: H += percdamp * mean(diag H) * I (1% by default).
 3. U = the upper Cholesky factor of H^-1 (Cholesky of H, its inverse, Cholesky
-   again; float64). Row q of U / U_qq is row q of the inverse of H restricted to
+   again; float64). `Factor` holds U once for all the layers that share H. Row q of U / U_qq is row q of the inverse of H restricted to
    the columns q.. (the ones not yet processed), so the update below is the
    optimal brain surgeon (OBS) update for the remaining columns.
 4. Columns are processed left to right in blocks of `blocksize`. At the start of
@@ -18,6 +18,10 @@ updated weight and its keep-mask, as the reference code (`fasterprune`) does:
    Then column by column: pruned weights are zeroed, and the error
    (w_q - 0) / U_qq times U[q, q:] is subtracted from the columns q.. of the
    block; after the block, its errors update every later column at once.
+   (The same update, lazily: each column updates the rest of its sub-block of
+   `inner` columns, each sub-block the rest of the block by one matrix product;
+   the block is held transposed so that a column is contiguous. The values are
+   those of column by column up to rounding: masks, counts and order unchanged.)
 
 Counts (where this differs from the reference code, on purpose): `k` is exact.
 The reference prunes the lowest `sparsity` fraction of each tile by threshold
@@ -48,6 +52,7 @@ more important; the lowest are pruned.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
@@ -106,22 +111,45 @@ def obs_saliency(w: torch.Tensor, d: torch.Tensor, columns: slice) -> torch.Tens
     return w.square() / d.square()[None, :]
 
 
-def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): U = upper Cholesky factor of (H + damp I)^-1 in float64, after dead inputs got H_jj = 1."""
-    h = hessian.detach().to(torch.float64).clone()
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise ValueError(f"the Hessian must be square, got {tuple(h.shape)}")
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    h.diagonal().add_(percdamp * torch.mean(torch.diagonal(h)))
-    lower, info = torch.linalg.cholesky_ex(h)
-    del h  # each in_features x in_features float64 intermediate is freed once the next exists (two at a time)
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, *,
+                     in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): U = upper Cholesky factor of (H + damp I)^-1 in float64, after dead inputs got H_jj = 1.
+
+    in_place: a float64 `hessian` is consumed: dampened in place, then emptied (its memory freed, for every
+    holder of it) once its Cholesky factor exists; at LLaVA-1.5-7B's down_proj that is one 969 MB buffer less."""
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"the Hessian must be square, got {tuple(hessian.shape)}")
+    in_place = in_place and hessian.dtype == torch.float64
+    h = hessian.detach() if in_place else hessian.detach().to(torch.float64).clone()
+    with torch.inference_mode(h.is_inference()):  # a Hessian summed under the calibration's inference mode
+        dead = torch.diagonal(h) == 0
+        h[dead, dead] = 1
+        h.diagonal().add_(percdamp * torch.mean(torch.diagonal(h)))
+        lower, info = torch.linalg.cholesky_ex(h)
+        if in_place:
+            hessian.set_()  # the caller's tensor too: its storage goes now
+        del h  # each in_features x in_features float64 intermediate is freed once the next exists (two at a time)
     if int(info):
         raise ValueError(f"the dampened Hessian is not positive definite (percdamp={percdamp}); raise percdamp "
                          "or calibrate with more tokens")
     inverse = torch.cholesky_inverse(lower)
     del lower
     return torch.linalg.cholesky(inverse, upper=True), dead
+
+
+@dataclass
+class Factor:
+    """What the pass needs of one Hessian, computed once for all the layers that share it (q/k/v, gate/up):
+    U (`inverse_cholesky`) in the update's dtype and the dead inputs."""
+
+    u: torch.Tensor
+    dead: torch.Tensor
+
+    @classmethod
+    def of(cls, hessian: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float32, *,
+           in_place: bool = False) -> "Factor":
+        u, dead = inverse_cholesky(hessian, percdamp, in_place=in_place)
+        return cls(u if u.dtype == dtype else u.to(dtype), dead)
 
 
 def block_counts(k: int, sizes: list[int]) -> list[int]:
@@ -134,34 +162,39 @@ def block_counts(k: int, sizes: list[int]) -> list[int]:
 
 
 def _prune_lowest(score: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
-    """True at the k lowest scores of the tile (per row: of each row); ties: the earlier position is kept."""
-    if per_row:
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices
-        prune = torch.ones_like(score, dtype=torch.bool)
-        return prune.scatter_(1, order[:, : score.shape[1] - k], False)
-    order = torch.sort(score.reshape(-1), descending=True, stable=True).indices
-    prune = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    prune[order[: score.numel() - k]] = False
-    return prune.reshape(score.shape)
+    """True at the k lowest scores of the tile (per row: of each row); ties: the earlier position is kept.
+
+    The k-th lowest value v (`kthvalue`, linear time; a stable sort of a 11008 x 128 tile took 6x longer):
+    everything below v is pruned, and of the scores equal to v the last ones, as many as k still needs."""
+    flat = score if per_row else score.reshape(1, -1)
+    if k <= 0 or k >= flat.shape[1]:
+        return torch.full_like(score, k > 0, dtype=torch.bool)
+    v = torch.kthvalue(flat, k, dim=1, keepdim=True).values
+    below, tie = flat < v, flat == v
+    need = k - below.sum(dim=1, keepdim=True)
+    from_end = tie.flip(1).cumsum(1).flip(1)  # ties at this position or after it
+    return (below | (tie & (from_end <= need))).reshape(score.shape)
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, k: int | None = None, *,
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | Factor, k: int | None = None, *,
                     sparsity: float | None = None, group: str = "layer", structure: tuple[int, int] | None = None,
                     blocksize: int = 128, percdamp: float = 0.01, score: Score | None = None,
-                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype | None = None, inner: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one layer with SparseGPT; returns (new weight in weight's dtype, keep mask: True = kept).
 
-    weight: [out, in]; hessian: [in, in] (e.g. `HessianAccumulator.hessian()`).
+    weight: [out, in]; hessian: [in, in] (e.g. `HessianAccumulator.hessian()`), or its `Factor` (computed
+    once for the layers that share the Hessian; percdamp is then the factor's).
     k: how many weights to prune (`group="layer"`) or per row (`group="row"`); or `sparsity`, giving
     k = floor(sparsity * size). Ignored with `structure=(n, m)` (n kept of every m).
     dtype: the weight update's precision, default float32 (as the reference code) or float64 for a float64
     weight; U is computed in float64 either way.
+    inner: the update runs in sub-blocks of `inner` columns (a multiple of m with N:M): each column updates the
+    rest of its sub-block at once, each sub-block the rest of its block by one matrix product (the same values
+    as column by column up to rounding; the block's column order, masks and counts are unchanged).
     Exactly k weights (per row) are pruned (more only if the dead inputs alone hold more than k);
     pruned weights are exactly 0 in the result.
     """
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"the Hessian is {tuple(hessian.shape)}, the weight has {cols} inputs")
     if group not in ("layer", "row"):
         raise ValueError(f"group {group!r}: choose layer or row")
     size = cols if group == "row" else rows * cols
@@ -184,7 +217,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, k: int | None =
     if isinstance(score, torch.Tensor) and score.shape != weight.shape:
         raise ValueError(f"score is {tuple(score.shape)}, the weight {tuple(weight.shape)}")
 
-    u64, dead = inverse_cholesky(hessian.to(weight.device), percdamp)
+    dtype = dtype or torch.promote_types(weight.dtype, torch.float32)
+    if isinstance(hessian, Factor):
+        factor = hessian
+        if factor.u.shape != (cols, cols):
+            raise ValueError(f"the factor is {tuple(factor.u.shape)}, the weight has {cols} inputs")
+    else:
+        if hessian.shape != (cols, cols):
+            raise ValueError(f"the Hessian is {tuple(hessian.shape)}, the weight has {cols} inputs")
+        factor = Factor.of(hessian.to(weight.device), percdamp, dtype)
+    u, dead = factor.u.to(device=weight.device, dtype=dtype), factor.dead.to(weight.device)
     starts = range(0, cols, blocksize)
     if structure is None:  # per block (per row of it with group row): its dead weights + its share of the rest
         dead_in = [int(dead[i : i + blocksize].sum()) for i in starts]
@@ -192,12 +234,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, k: int | None =
         per = 1 if group == "row" else rows
         shares = block_counts(max(k - per * sum(dead_in), 0), [per * n for n in live_in])
         counts = [per * d + share for d, share in zip(dead_in, shares)]
-    dtype = dtype or torch.promote_types(weight.dtype, torch.float32)
-    u = u64.to(dtype)
-    del u64  # a float32 update keeps only its float32 U
+    step = max(m, inner - inner % m) if structure is not None else max(inner, 1)
     w = weight.detach().to(dtype).clone()
     w[:, dead] = 0
-    prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
 
     def tile_score(tile: torch.Tensor, d: torch.Tensor, columns: slice) -> torch.Tensor:
         s = score[:, columns] if isinstance(score, torch.Tensor) else score(tile, d, columns)
@@ -207,21 +247,26 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, k: int | None =
 
     for b, i1 in enumerate(starts):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        d = torch.diagonal(u1)
-        err1 = torch.zeros_like(w1)
+        # the block transposed: column i of the weights is the contiguous row i of `wt` (and of `prune`, `err`)
+        wt, ub = w[:, i1:i2].T.contiguous(), u[i1:i2, i1:i2]
+        d = torch.diagonal(ub)
+        prune = torch.zeros_like(wt, dtype=torch.bool)
         if structure is None:
-            prune[:, i1:i2] = _prune_lowest(tile_score(w1, d, slice(i1, i2)), counts[b], group == "row")
-        for i in range(i2 - i1):
-            if structure is not None and i % m == 0:
-                cols_nm = slice(i1 + i, i1 + i + m)
-                prune[:, cols_nm] = ~masks.n_m_mask(tile_score(w1[:, i : i + m], d[i : i + m], cols_nm), n, m)
-            q = w1[:, i].masked_fill(prune[:, i1 + i], 0)
-            err = (w1[:, i] - q) / d[i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return w.to(weight.dtype), ~prune
+            prune[:] = _prune_lowest(tile_score(wt.T, d, slice(i1, i2)), counts[b], group == "row").T
+        err = torch.empty_like(wt)
+        for j1 in range(0, i2 - i1, step):  # sub-blocks of `inner` columns; the block's later ones updated lazily
+            j2 = min(j1 + step, i2 - i1)
+            for i in range(j1, j2):
+                if structure is not None and i % m == 0:
+                    group_cols = slice(i1 + i, i1 + i + m)
+                    prune[i : i + m] = ~masks.n_m_mask(tile_score(wt[i : i + m].T, d[i : i + m], group_cols), n, m).T
+                err[i] = wt[i].masked_fill(~prune[i], 0).div_(d[i])  # (w_q - q) / U_qq, q = w_q kept, 0 pruned
+                wt[i:j2].addr_(ub[i, i:j2], err[i], alpha=-1)
+            if j2 < i2 - i1:
+                wt[j2:].addmm_(ub[j1:j2, j2:].T, err[j1:j2], alpha=-1)
+        wt.masked_fill_(prune, 0)  # exactly 0 (w - U_qq (w / U_qq) may round to a tiny remainder)
+        w[:, i1:i2] = wt.T
+        keep[:, i1:i2] = ~prune.T
+        if i2 < cols:  # the block's errors update every later column at once
+            w[:, i2:].addmm_(err.T, u[i1:i2, i2:], alpha=-1)
+    return w.to(weight.dtype), keep
