@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""multiflow against llm-compressor's Wanda, side by side on one LLaVA checkpoint: wall time, peak RSS, masks.
+"""multiflow against llm-compressor's Wanda and SparseGPT, side by side on one LLaVA checkpoint: time, memory, masks.
 
     . .venv/bin/activate
-    # once: llm-compressor in its own venv (it pins transformers <= 5.17); see benchmarks/llmc_wanda.py
+    # once: llm-compressor in its own venv (it pins transformers <= 5.17); see benchmarks/llmc_llava.py
     # a small LLaVA checkpoint with processor files (~100 M parameters; --make-size base: ~242 M)
     python benchmarks/bench_llmcompressor.py --make-model /work/bench/llava-small
     python benchmarks/bench_llmcompressor.py --model /work/bench/llava-small --nsamples 8 \\
@@ -13,7 +13,7 @@ every round (--repeats rounds):
 
   llmc          llm-compressor 0.14 `oneshot` + `WandaPruningModifier(sparsity, "0:0")` on the language
                 model's linears (vision tower, projector and lm_head ignored, as its LLaVA example), sequential
-                pipeline over LlamaDecoderLayer: `benchmarks/llmc_wanda.py` run by --llmc-python;
+                pipeline over LlamaDecoderLayer: `benchmarks/llmc_llava.py` run by --llmc-python;
   mf-wanda-lm   `multiflow run --method wanda --allocation uniform --group row --rules RULES`, RULES (written
                 to --results) = vision tower and projector skipped, `^model\\.language_model\\.layers\\.` text:
                 the same layers at the same sparsity;
@@ -21,6 +21,12 @@ every round (--repeats rounds):
                 as llm-compressor's default propagate_error=True);
   mf-multiflow  `multiflow run --method multiflow --allocation modality` (default rules: whole model);
   mf-wanda-all  `multiflow run --method wanda --allocation uniform --group row` (default rules: whole model).
+  llmc-sparsegpt   llm-compressor's `SparseGPTModifier(sparsity, "0:0")` on the language model, as `llmc`;
+  mf-sparsegpt-lm  `multiflow run --method sparsegpt --allocation uniform --group layer --rules RULES`: the same
+                layers, one count per matrix as SparseGPT's (block by block, each calibrated on the pruned ones).
+
+The SparseGPT pair runs only when `--runs` names it (each takes tens of minutes at 7B); its ratios are against
+llmc-sparsegpt, and its masks are compared with llmc-sparsegpt's.
 
 `--also-llmc-dense` adds `llmc-dense` (llm-compressor with propagate_error=False: every decoder layer is
 calibrated on the dense model's activations, as multiflow's default single pass is). `--runs` picks a subset.
@@ -97,7 +103,18 @@ RUNS = {
     "mf-wanda-lm-seq": ("multiflow", "Wanda (uniform), --sequential", "language model"),
     "mf-multiflow": ("multiflow", "MULTIFLOW (modality)", "whole model"),
     "mf-wanda-all": ("multiflow", "Wanda (uniform)", "whole model"),
+    "llmc-sparsegpt": ("llm-compressor", "SparseGPT", "language model"),
+    "mf-sparsegpt-lm": ("multiflow", "SparseGPT (uniform, group layer)", "language model"),
 }
+SPARSEGPT_RUNS = ("llmc-sparsegpt", "mf-sparsegpt-lm")
+# multiflow's run -> the llm-compressor runs its masks are compared with (round 1, right after it)
+COMPARED = {"mf-wanda-lm": ("llmc", "llmc-dense"), "mf-wanda-lm-seq": ("llmc", "llmc-dense"),
+            "mf-sparsegpt-lm": ("llmc-sparsegpt",)}
+
+
+def reference_run(name: str) -> str:
+    """The llm-compressor run that `name`'s ratios are against."""
+    return "llmc-sparsegpt" if name in SPARSEGPT_RUNS else "llmc"
 SIZES = {  # --make-model presets for bench_calibrate.build_model (CLIP ViT-B/16-shaped tower, Llama decoder)
     "small": {"vision_layers": 6, "text_hidden": 768, "text_layers": 8, "text_intermediate": 2048, "text_heads": 12},
     "base": {"vision_layers": 12, "text_hidden": 1024, "text_layers": 12, "text_intermediate": 2816, "text_heads": 16},
@@ -227,8 +244,9 @@ def command(name: str, args, out: Path, rules: Path) -> list[str]:
     if args.data:
         common += ["--data", str(args.data)]
     if name.startswith("llmc"):
-        cmd = [args.llmc_python, str(HERE / "llmc_wanda.py"), "--model", str(args.model), "--output", str(out),
+        cmd = [args.llmc_python, str(HERE / "llmc_llava.py"), "--model", str(args.model), "--output", str(out),
                "--sparsity", str(args.sparsity), *common]
+        cmd += ["--method", "sparsegpt"] if name == "llmc-sparsegpt" else []
         return cmd + (["--no-propagate"] if name == "llmc-dense" else []) + shlex.split(args.llmc_extra)
     exe = Path(sys.executable).parent / "multiflow"
     mf = [str(exe)] if exe.is_file() else [sys.executable, "-m", "multiflow.cli"]
@@ -241,6 +259,8 @@ def command(name: str, args, out: Path, rules: Path) -> list[str]:
         mf += ["--method", "multiflow", "--allocation", "modality"]
     elif name == "mf-wanda-all":
         mf += ["--method", "wanda", "--allocation", "uniform", "--group", args.wanda_group]
+    elif name == "mf-sparsegpt-lm":
+        mf += ["--method", "sparsegpt", "--allocation", "uniform", "--group", "layer", "--rules", str(rules)]
     return mf + shlex.split(args.mf_extra)
 
 
@@ -288,9 +308,9 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) ->
 
 
 def compare(args, logs: Path, timer: str | None, outs: dict[str, Path], mine: str = "mf-wanda-lm") -> dict:
-    """Round 1's masks: `mine` (mf-wanda-lm or mf-wanda-lm-seq) against llmc (and llmc-dense), in a child process
+    """Round 1's masks: `mine` (a key of COMPARED) against its llm-compressor runs that ran, in a child process
     (torch stays out of this one)."""
-    others = [r for r in ("llmc", "llmc-dense") if r in outs]
+    others = [r for r in COMPARED[mine] if r in outs]
     log = logs / f"compare-masks-{mine}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--compare-masks", str(args.model), str(outs[mine]),
            *(str(outs[r]) for r in others)]
@@ -320,7 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="rounds of all runs, alternating (default 1); the table "
                    "shows medians")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), metavar="RUN",
-                   help=f"which runs, of {', '.join(RUNS)} (default: all but llmc-dense)")
+                   help=f"which runs, of {', '.join(RUNS)} (default: all but llmc-dense and the SparseGPT pair)")
     p.add_argument("--also-llmc-dense", action="store_true", help="add llmc-dense: llm-compressor with "
                    "propagate_error=False (dense activations for every decoder layer, as multiflow's single pass)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity of every run (default 0.5)")
@@ -336,7 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "multiflow's default (one threshold per matrix)")
     p.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON, help="python of the llm-compressor venv "
                    f"(default {DEFAULT_LLMC_PYTHON})")
-    p.add_argument("--llmc-extra", default="", help="extra arguments for llmc_wanda.py (one string)")
+    p.add_argument("--llmc-extra", default="", help="extra arguments for llmc_llava.py (one string)")
     p.add_argument("--mf-extra", default="", help="extra arguments for every `multiflow run` (one string, e.g. "
                    "'--sequential' or '--batch-size 4')")
     p.add_argument("--wait-quiet", type=float, default=120, help="before each run, wait up to this many seconds "
@@ -353,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.make_model is None and args.compare_masks is None and args.results is None:
         p.error("--results DIR is required")
     if args.runs is None:
-        args.runs = [r for r in RUNS if r != "llmc-dense" or args.also_llmc_dense]
+        args.runs = [r for r in RUNS if r not in SPARSEGPT_RUNS and (r != "llmc-dense" or args.also_llmc_dense)]
     elif args.also_llmc_dense and "llmc-dense" not in args.runs:
         args.runs.insert(1, "llmc-dense")
     args.runs = [r for r in RUNS if r in args.runs]  # fixed order: llm-compressor first
@@ -375,7 +395,7 @@ def default_data(model: Path) -> Path | None:
 
 
 def table(summary: list[dict], wanda_group: str) -> str:
-    ref = next((s for s in summary if s["run"] == "llmc"), None)
+    by_run = {s["run"]: s for s in summary}
     lines = ["| run | tool | method | scope | wall s | of which own timer s | peak RSS GiB | CPU s "
              "| achieved sparsity | wall / llm-compressor | RSS / llm-compressor |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -386,6 +406,7 @@ def table(summary: list[dict], wanda_group: str) -> str:
         wall = fmt(s["wall_s"], 1)
         if len(s["walls"]) > 1:
             wall += f" ({fmt(min(s['walls']), 1)}-{fmt(max(s['walls']), 1)})"
+        ref = by_run.get(reference_run(s["run"]))
         ratio = fmt(s["wall_s"] / ref["wall_s"]) if ref else "—"
         rss_ratio = fmt(s["peak_rss_mib"] / ref["peak_rss_mib"]) if ref else "—"
         lines.append(f"| {s['run']} | {tool} | {method} | {scope} | {wall} | {fmt(s['own_s'], 1)} | "
@@ -413,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.joinpath("config.json").is_file():
         sys.exit(f"--model {args.model}: no config.json")
     if any(r.startswith("llmc") for r in args.runs) and not os.access(args.llmc_python, os.X_OK):
-        sys.exit(f"--llmc-python {args.llmc_python}: not found (set up the venv: see benchmarks/llmc_wanda.py)")
+        sys.exit(f"--llmc-python {args.llmc_python}: not found (set up the venv: see benchmarks/llmc_llava.py)")
     args.model = args.model.resolve()
     if args.data is None:
         args.data = default_data(args.model)
@@ -456,12 +477,12 @@ def main(argv: list[str] | None = None) -> int:
                     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
                     sys.exit(f"{name} failed (exit {res['exit_status']}); {log} ends:\n{tail}")
                 outs[name] = out
-                if rnd == 1 and name.startswith("mf-wanda-lm") and ("llmc" in outs or "llmc-dense" in outs):
+                if rnd == 1 and name in COMPARED and any(r in outs for r in COMPARED[name]):
                     masks[name] = compare(args, logs, timer, outs, name)  # right away: at 7B an output is ~14 GB
                 if not args.keep_outputs:  # delete every output no later comparison needs
-                    pending = rnd == 1 and any(r.startswith("mf-wanda-lm") and r not in outs for r in args.runs)
+                    waiting = {o for r in args.runs if rnd == 1 and r in COMPARED and r not in outs for o in COMPARED[r]}
                     for r, folder in outs.items():
-                        if not (pending and r in ("llmc", "llmc-dense")):
+                        if r not in waiting:
                             shutil.rmtree(folder, ignore_errors=True)
     finally:
         if not args.keep_outputs:

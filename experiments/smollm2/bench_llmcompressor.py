@@ -1,6 +1,6 @@
 """llm-compressor's SparseGPT and Wanda beside multiflow's on SmolLM2-135M-Instruct: same model, same data, same eval.
 
-    # once: llm-compressor in its own venv, recipe in benchmarks/llmc_wanda.py (/work/llmc-venv)
+    # once: llm-compressor in its own venv, recipe in benchmarks/llmc_llava.py (/work/llmc-venv)
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 .venv/bin/python -m experiments.smollm2.bench_llmcompressor \\
         --workdir /work/bench/smollm2 --out experiments/results/smollm2 --scratch /work/bench
 

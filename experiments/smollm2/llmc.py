@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """llm-compressor's SparseGPT or Wanda on a plain causal LM, fed multiflow's own calibration windows.
 
-Runs INSIDE llm-compressor's virtualenv (recipe in benchmarks/llmc_wanda.py: /work/llmc-venv with torch 2.13.0,
+Runs INSIDE llm-compressor's virtualenv (recipe in benchmarks/llmc_llava.py: /work/llmc-venv with torch 2.13.0,
 transformers 5.17.0, llmcompressor 0.14.0.1, and multiflow installed there with --no-deps -e), so that both
 tools see the same token windows:
 

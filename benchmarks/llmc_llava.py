@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""llm-compressor's Wanda on the language model of a LLaVA checkpoint, fed multiflow's calibration inputs.
+"""llm-compressor's Wanda or SparseGPT on the language model of a LLaVA checkpoint, fed multiflow's calibration inputs.
 
 Runs INSIDE a separate virtualenv that holds llm-compressor (it pins transformers <= 5.17, multiflow wants
 5.x >= 5.0; both agree on 5.15-5.17), with multiflow installed there without its dependencies so that both
@@ -12,7 +12,7 @@ tools see byte-identical calibration inputs:
     /work/llmc-venv/bin/pip install -c /work/llmc-venv/constraints.txt --no-deps -e .
     /work/llmc-venv/bin/pip install -c /work/llmc-venv/constraints.txt numba matplotlib scikit-image rouge-score
 
-    /work/llmc-venv/bin/python benchmarks/llmc_wanda.py --model src/multiflow/demo_model --output /tmp/llmc-out \\
+    /work/llmc-venv/bin/python benchmarks/llmc_llava.py --model src/multiflow/demo_model --output /tmp/llmc-out \\
         --sparsity 0.5 --nsamples 8 --seed 0 --dtype float32
 
 What it does, as llm-compressor's own LLaVA example (examples/multimodal_vision/llava_example.py) does it:
@@ -27,8 +27,10 @@ What it does, as llm-compressor's own LLaVA example (examples/multimodal_vision/
   `datasets.Dataset` (input_ids, attention_mask, pixel_values) with the example's one-sample data collator;
 - `oneshot(model, processor, dataset, recipe=WandaPruningModifier(sparsity, mask_structure="0:0",
   targets=["Linear"], ignore=["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]),
+  (`--method sparsegpt`: SparseGPTModifier with the same arguments and its defaults: block_size 128,
+  dampening_frac 0.01, as multiflow's)
   sequential_targets=["LlamaDecoderLayer"], num_calibration_samples=N, shuffle_calibration_samples=False)`:
-  llm-compressor's default "independent" pipeline, which picks its sequential pipeline for Wanda (the model is
+  llm-compressor's default "independent" pipeline, which picks its sequential pipeline for both (the model is
   traced with torch.fx and run decoder layer by decoder layer; each layer's inputs are the outputs of the
   already pruned layers before it, unless --no-propagate);
 - `model.save_pretrained(output, save_compressed=False)` (dense safetensors, as multiflow writes) and
@@ -64,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "files (tokenizer, image processor, chat template)")
     p.add_argument("--output", type=Path, required=True, help="folder for the pruned checkpoint (created; must be "
                    "empty or absent)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="Wanda sparsity of each language-model linear "
+    p.add_argument("--method", choices=("wanda", "sparsegpt"), default="wanda", help="llm-compressor's modifier: "
+                   "WandaPruningModifier (default) or SparseGPTModifier")
+    p.add_argument("--sparsity", type=float, default=0.5, help="sparsity of each language-model linear "
                    "(default 0.5)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128, as multiflow)")
     p.add_argument("--seed", type=int, default=0, help="which samples, in which order (multiflow's --seed; default 0)")
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     memory = {"imports": memory_mib()}
@@ -146,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # targets must be a LIST: llm-compressor 0.14's sparsity modifiers match a plain string "Linear" character by
     # character (compressed_tensors.match_named_modules iterates it), find nothing and prune nothing, silently
-    recipe = WandaPruningModifier(sparsity=args.sparsity, mask_structure=args.mask_structure, targets=["Linear"],
-                                  ignore=IGNORE)
+    modifier = SparseGPTModifier if args.method == "sparsegpt" else WandaPruningModifier
+    recipe = modifier(sparsity=args.sparsity, mask_structure=args.mask_structure, targets=["Linear"], ignore=IGNORE)
     oneshot(model=model, processor=processor, dataset=dataset, recipe=recipe, data_collator=data_collator,
             num_calibration_samples=len(dataset), shuffle_calibration_samples=False,
             sequential_targets=["LlamaDecoderLayer"], propagate_error=not args.no_propagate)
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     memory["saved"] = memory_mib()
 
     print(json.dumps({
-        "tool": "llm-compressor", "method": "wanda", "sparsity_target": args.sparsity,
+        "tool": "llm-compressor", "method": args.method, "sparsity_target": args.sparsity,
         "mask_structure": args.mask_structure, "propagate_error": not args.no_propagate, "dtype": args.dtype,
         "model": str(args.model), "output": str(args.output), "seed": args.seed, **data_info,
         "load_s": round(t1 - t0, 3), "inputs_s": round(t2 - t1, 3), "oneshot_s": round(t3 - t2, 3),
