@@ -80,3 +80,17 @@ def memory_mib() -> dict[str, float | None]:
     except OSError:
         pass
     return out
+
+
+def sparsegpt_module(path: str | None):
+    """multiflow.pruning.sparsegpt, or another version of it loaded from `path` (e.g. from `git show`)."""
+    if path is None:
+        from multiflow.pruning import sparsegpt
+
+        return sparsegpt
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sparsegpt_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

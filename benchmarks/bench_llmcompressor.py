@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                 if rnd == 1 and name in COMPARED and any(r in outs for r in COMPARED[name]):
                     masks[name] = compare(args, logs, timer, outs, name)  # right away: at 7B an output is ~14 GB
                 if not args.keep_outputs:  # delete every output no later comparison needs
-                    waiting = {o for r in args.runs if rnd == 1 and r in COMPARED and r not in outs for o in COMPARED[r]}
+                    waiting = {o for r in args.runs if rnd == 1 and r in COMPARED and r not in outs
+                               for o in COMPARED[r]}
                     for r, folder in outs.items():
                         if r not in waiting:
                             shutil.rmtree(folder, ignore_errors=True)

@@ -16,19 +16,15 @@ the start, and a checksum of the pruned weights (equal across versions up to flo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 
 import torch
 
+from _common import memory_mib, sparsegpt_module
+
 # (the input, its in_features, the rows of each layer that reads it)
 BLOCK = (("q/k/v", 4096, (4096, 4096, 4096)), ("o", 4096, (4096,)), ("gate/up", 4096, (11008, 11008)),
          ("down", 11008, (4096,)))
-
-
-def vm_hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def main() -> int:
@@ -36,14 +32,9 @@ def main() -> int:
     parser.add_argument("--module", help="a sparsegpt.py to load instead of multiflow.pruning.sparsegpt")
     parser.add_argument("--tokens", type=int, default=4968)
     args = parser.parse_args()
-    if args.module:
-        spec = importlib.util.spec_from_file_location("sparsegpt_under_test", args.module)
-        sg = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sg)
-    else:
-        from multiflow.pruning import sparsegpt as sg
+    sg = sparsegpt_module(args.module)
     g = torch.Generator().manual_seed(0)
-    start, times, checksum = vm_hwm_mib(), {"accumulate": 0.0, "factor + prune": 0.0}, 0.0
+    start, times, checksum = memory_mib()["hwm"], {"accumulate": 0.0, "factor + prune": 0.0}, 0.0
     for name, features, layers in BLOCK:
         with torch.inference_mode():
             x = torch.randn(args.tokens, features, generator=g)
@@ -67,9 +58,10 @@ def main() -> int:
         elapsed = time.perf_counter() - t0
         times["factor + prune"] += elapsed
         print(f"  {name}: {len(layers)} x {layers[0]} x {features}: factor + prune {elapsed:.1f} s", flush=True)
+    peak = memory_mib()["hwm"] - start
     print(f"{args.module or 'multiflow.pruning.sparsegpt'}: accumulate {times['accumulate']:.1f} s, factor + prune "
-          f"{times['factor + prune']:.1f} s, total {sum(times.values()):.1f} s; peak RSS {vm_hwm_mib() - start:.0f} "
-          f"MiB above the start; checksum {checksum:.3f}")
+          f"{times['factor + prune']:.1f} s, total {sum(times.values()):.1f} s; peak RSS {peak:.0f} MiB above the "
+          f"start; checksum {checksum:.3f}")
     return 0
 
 

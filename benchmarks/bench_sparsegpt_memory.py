@@ -15,15 +15,11 @@ pruned weights (the same across versions: same results).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 
 import torch
 
-
-def vm_hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+from _common import memory_mib, sparsegpt_module
 
 
 def main() -> int:
@@ -32,22 +28,18 @@ def main() -> int:
     parser.add_argument("--features", type=int, default=11008)
     parser.add_argument("--rows", type=int, default=256)
     args = parser.parse_args()
-    if args.module:
-        spec = importlib.util.spec_from_file_location("sparsegpt_under_test", args.module)
-        sg = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sg)
-    else:
-        from multiflow.pruning import sparsegpt as sg
+    sg = sparsegpt_module(args.module)
     g = torch.Generator().manual_seed(0)
     acc = sg.HessianAccumulator(args.features)
     with torch.inference_mode():
         for _ in range(4):
             acc.add_batch(torch.randn(1300, args.features, generator=g))
     weight = torch.randn(args.rows, args.features, generator=g)
-    start, t0 = vm_hwm_mib(), time.perf_counter()
+    start, t0 = memory_mib()["hwm"], time.perf_counter()
     hessian = acc.take_hessian() if hasattr(acc, "take_hessian") else acc.hessian()
     new, _ = sg.sparsegpt_prune(weight, hessian, sparsity=0.5)
-    print(f"{args.module or 'multiflow.pruning.sparsegpt'}: peak RSS {vm_hwm_mib() - start:.0f} MiB above the full "
+    peak = memory_mib()["hwm"] - start
+    print(f"{args.module or 'multiflow.pruning.sparsegpt'}: peak RSS {peak:.0f} MiB above the full "
           f"accumulator, {time.perf_counter() - t0:.1f} s, checksum {float(new.double().abs().sum()):.6f}")
     return 0
 

@@ -9,9 +9,10 @@ updated weight and its keep-mask, as the reference code (`fasterprune`) does:
    token) get H_jj = 1 and W[:, j] = 0; they are pruned before any other weight.
 2. Dampening: H += percdamp * mean(diag H) * I (1% by default).
 3. U = the upper Cholesky factor of H^-1 (Cholesky of H, its inverse, Cholesky
-   again; float64). `Factor` holds U once for all the layers that share H. Row q of U / U_qq is row q of the inverse of H restricted to
-   the columns q.. (the ones not yet processed), so the update below is the
-   optimal brain surgeon (OBS) update for the remaining columns.
+   again; float64); `Factor` holds U once for all the layers that share H.
+   Row q of U / U_qq is row q of the inverse of H restricted to the columns
+   q.. (the ones not yet processed), so the update below is the optimal brain
+   surgeon (OBS) update for the remaining columns.
 4. Columns are processed left to right in blocks of `blocksize`. At the start of
    a block the mask of the whole (rows x block) tile is chosen from the current
    (already updated) weights by saliency w^2 / d^2, d = diag(U) (or by `score`).
