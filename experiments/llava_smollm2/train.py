@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lm", type=Path, required=True, help="SmolLM2-135M-Instruct safetensors folder "
                                                                   "(experiments.smollm2.prepare's model/)")
-    parser.add_argument("--steps", type=int, default=1800, help="stage-1 steps (batches of 16)")
+    parser.add_argument("--steps", type=int, default=2700, help="stage-1 steps (batches of 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (part of what fixes the weights)")
     parser.add_argument("--out", type=Path, default=TRAINED, help="where parts.safetensors and the report go")
