@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from multiflow.errors import MultiflowError
 from multiflow.pruning import scores
 from multiflow.pruning.methods import METHODS
-from multiflow.pruning.sparsegpt import Factor, HessianAccumulator, sparsegpt_prune
+from multiflow.pruning.sparsegpt import Factor, HessianAccumulator, sparsegpt_prune, update_dtype
 
 
 class SparseGPTStep:
@@ -109,8 +109,7 @@ class SparseGPTStep:
         users = Counter(self._owner.get(n, n) for n, p in plans.items() if not (p.dense or p.dead))
         taken: dict[str, tuple[Factor, torch.Tensor]] = {}  # (factor, diag H) of the owners in use
         for name in here:
-            layer_name = loaded.to_inventory_name[name]
-            p = self.plans[layer_name]
+            layer_name, p = loaded.to_inventory_name[name], plans[name]
             if p.dense:  # --prune-only keeps it: no mask, no update
                 continue
             module = loaded.model.get_submodule(name)
@@ -127,8 +126,8 @@ class SparseGPTStep:
                                                  "it was to be pruned; calibrate with more (or other) samples")
                         hessian = acc.take_hessian()
                         diagonal = torch.diagonal(hessian).clone()
-                        dtype = torch.promote_types(module.weight.dtype, torch.float32)
-                        taken[owner] = Factor.of(hessian, self.percdamp, dtype, in_place=True), diagonal
+                        taken[owner] = Factor.of(hessian, self.percdamp, update_dtype(module.weight),
+                                                 in_place=True), diagonal
                         del hessian
                     factor, diagonal = taken[owner]
                     score = None if self.score is None else \

@@ -138,6 +138,11 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, *,
     return torch.linalg.cholesky(inverse, upper=True), dead
 
 
+def update_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The weight update's default precision: float32 (as the reference code), float64 for a float64 weight."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 @dataclass
 class Factor:
     """What the pass needs of one Hessian, computed once for all the layers that share it (q/k/v, gate/up):
@@ -218,7 +223,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | Factor, k: int
     if isinstance(score, torch.Tensor) and score.shape != weight.shape:
         raise ValueError(f"score is {tuple(score.shape)}, the weight {tuple(weight.shape)}")
 
-    dtype = dtype or torch.promote_types(weight.dtype, torch.float32)
+    dtype = dtype or update_dtype(weight)
     if isinstance(hessian, Factor):
         factor = hessian
         if factor.u.shape != (cols, cols):
