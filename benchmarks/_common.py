@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -67,6 +68,27 @@ def linear_sparsity(model, inside: re.Pattern, name: str) -> dict:
             counts[key][2] += 1
     return {k: {"zeros": z, "numel": n, "layers": count, "sparsity": z / n if n else None}
             for k, (z, n, count) in counts.items()}
+
+
+def llmc_pruned(model, inside: re.Pattern, name: str, asked: float) -> dict:
+    """`linear_sparsity` of a model llm-compressor pruned; exits when the `name` linears hold less than 0.9x the
+    `asked` sparsity (a recipe that matched nothing prunes nothing, silently)."""
+    counted = linear_sparsity(model, inside, name)
+    if asked and not counted[name]["sparsity"] >= 0.9 * asked:
+        sys.exit(f"llm-compressor pruned too little: {name} linears at {counted[name]['sparsity']} sparsity, "
+                 f"asked {asked}")
+    return counted
+
+
+def llmc_versions() -> dict[str, str]:
+    """The library versions of llm-compressor's venv, for its runs' JSON line."""
+    import compressed_tensors
+    import llmcompressor
+    import torch
+    import transformers
+
+    return {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+            "transformers": transformers.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
 def memory_mib() -> dict[str, float | None]:

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path in llm-compressor's venv
-from benchmarks._common import linear_sparsity, memory_mib  # noqa: E402
+from benchmarks._common import llmc_pruned, llmc_versions, memory_mib  # noqa: E402
 
 LANGUAGE_LINEAR = re.compile(r"^model\.language_model\.layers\.\d+\.")
 IGNORE = ["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
@@ -131,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"--output {args.output} is not empty")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import compressed_tensors
-    import llmcompressor
     import torch
-    import transformers
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -157,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             sequential_targets=["LlamaDecoderLayer"], propagate_error=not args.no_propagate)
     t3 = time.perf_counter()
     memory["oneshot"] = memory_mib()
-    sparsity = linear_sparsity(model, LANGUAGE_LINEAR, "language")
-    if args.sparsity and not sparsity["language"]["sparsity"] >= 0.9 * args.sparsity:
-        sys.exit(f"llm-compressor pruned too little: language-model linears at {sparsity['language']['sparsity']} "
-                 f"sparsity, asked {args.sparsity}")
+    sparsity = llmc_pruned(model, LANGUAGE_LINEAR, "language", args.sparsity)
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output, save_compressed=False)
     processor.save_pretrained(args.output)
@@ -178,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "other_sparsity": sparsity["other"]["sparsity"], "other_layers": sparsity["other"]["layers"],
         "memory_mib": memory, "weights_mib": round(sum(p.numel() * p.element_size() for p in model.parameters())
                                                    / 2**20, 1),
-        "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
-                     "transformers": transformers.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": llmc_versions(),
     }), flush=True)
     return 0
 

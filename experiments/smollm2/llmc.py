@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path in llm-compressor's venv
-from benchmarks._common import linear_sparsity, memory_mib  # noqa: E402
+from benchmarks._common import llmc_pruned, llmc_versions, memory_mib  # noqa: E402
 
 DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.")
 IGNORE = ["re:.*lm_head"]
@@ -138,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output.exists() and any(args.output.iterdir()):
         sys.exit(f"--output {args.output} is not empty")
 
-    import compressed_tensors
-    import llmcompressor
     import torch
-    import transformers
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
@@ -167,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             sequential_targets=["LlamaDecoderLayer"])
     t3 = time.perf_counter()
     memory["oneshot"] = memory_mib()
-    counted = linear_sparsity(model, DECODER_LINEAR, "decoder")
-    if not counted["decoder"]["sparsity"] >= 0.9 * sparsity:
-        sys.exit(f"llm-compressor pruned too little: decoder linears at {counted['decoder']['sparsity']} sparsity, "
-                 f"asked {sparsity}")
+    counted = llmc_pruned(model, DECODER_LINEAR, "decoder", sparsity)
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output, save_compressed=False)
     tokenizer.save_pretrained(args.output)
@@ -187,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_zeros": counted["decoder"]["zeros"], "decoder_numel": counted["decoder"]["numel"],
         "other_sparsity": counted["other"]["sparsity"], "other_layers": counted["other"]["layers"],
         "nm_violations": nm_violations(model, args.structure), "memory_mib": memory,
-        "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
-                     "transformers": transformers.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": llmc_versions(),
     }), flush=True)
     return 0
 
