@@ -10,6 +10,11 @@ calibration data, block by block: the default) as a child process; this script w
 `os.wait4` and reports the child's own peak RSS (`ru_maxrss`), its wall time, and the per-stage seconds
 that `multiflow run` writes to `multiflow_report.json` ("timings": Step 1 distribute, Step 2 calibrate,
 Step 3 prune = masks + writing the copy). The pruned copy is deleted after each variant (14 GB).
+`--check-load` first checks that the copy would load (`check_output`): its keys and shapes against
+transformers' LlavaForConditionalGeneration built on the meta device from the copy's config.json, dtypes
+against the input, and a spot check of a few tensors (a pruned one: as many zeros as the report's pruned
+count, and without a weight update every weight kept unchanged or zeroed; one left dense: byte-identical). A 13B-shaped checkpoint
+(`make_llava7b_checkpoint.py --size 13b`, 26.7 GB) goes through the same script.
 Results: a markdown table on stdout and JSON under --results. On a GPU machine,
 `benchmarks/gpu_7b.sh` makes the checkpoint and runs this with `--device cuda` (peak GPU memory of
 Step 2 comes from `torch.cuda.max_memory_allocated`).
@@ -26,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import git_rev  # noqa: E402
@@ -63,8 +70,58 @@ def run_variant(args, name: str) -> dict:
               "execution": report["calibration"]["execution"], "achieved_sparsity": report["global"]["achieved_sparsity"],
               "device": report["calibration"].get("device"),
               "peak_device_memory_gib": report["calibration"].get("peak_device_memory_gib")}
+    if args.check_load:
+        result["load_check"] = check_output(Path(args.checkpoint), out, report)
+        print(f"load check: {result['load_check']}", flush=True)
     shutil.rmtree(out)
     return result
+
+
+def _signature(name: str) -> tuple[bool, str]:
+    """A layer's identity across namings: (in the vision tower?, its last four dotted parts), e.g.
+    `language_model.model.layers.3.mlp.down_proj` and `model.language_model.layers.3.mlp.down_proj` match."""
+    name = name.removesuffix(".weight")
+    return "vision" in name, ".".join(name.split(".")[-4:])
+
+
+def check_output(checkpoint: Path, out: Path, report: dict) -> dict:
+    """Would the pruned copy load? Keys/shapes against transformers on the meta device, dtypes against the
+    input, and a spot check of tensors (see the module docstring). Raises SystemExit on a mismatch."""
+    from make_llava7b_checkpoint import compare_specs, transformers_specs
+
+    from multiflow.storage.checkpoint import list_tensors, read_config, read_tensor
+
+    started = time.perf_counter()
+    before = {e.key: e for e in list_tensors(checkpoint)}
+    after = {e.key: e for e in list_tensors(out)}
+    diff = compare_specs({k: tuple(e.shape) for k, e in after.items()}, transformers_specs(read_config(out)))
+    if diff:
+        raise SystemExit(f"{out}: keys/shapes differ from transformers' model: {diff}")
+    wrong_dtype = [k for k, e in after.items() if k not in before or e.dtype != before[k].dtype]
+    if wrong_dtype:
+        raise SystemExit(f"{out}: {len(wrong_dtype)} tensors missing from the input or of another dtype, "
+                         f"e.g. {wrong_dtype[0]}")
+    pruned = {_signature(name): layer["pruned"] for name, layer in report["layers"].items()}
+    layers = sorted(k for k in after if k.endswith("_proj.weight") and ".layers." in k and "vision" not in k)
+    spots = [layers[0], layers[-1], next(k for k in after if "vision" in k and k.endswith("fc1.weight")),
+             next(k for k in after if k.endswith("embed_tokens.weight"))]
+    checked = {}
+    for key in spots:
+        w0, w1 = read_tensor(before[key]), read_tensor(after[key])
+        expect = pruned.get(_signature(key))
+        if expect is None:  # left dense: the very bytes of the input
+            if not torch.equal(w0.view(torch.uint8), w1.view(torch.uint8)):
+                raise SystemExit(f"{out}: {key} is not pruned but differs from the input")
+            checked[key] = "dense, byte-identical"
+            continue
+        if report.get("update") in (None, "none") and not bool(((w1 == w0) | (w1 == 0)).all()):
+            raise SystemExit(f"{out}: {key} has weights that are neither the input's nor zero")
+        zeros, zeros_before = int((w1 == 0).sum()), int((w0 == 0).sum())
+        if not zeros - zeros_before <= expect <= zeros:
+            raise SystemExit(f"{out}: {key} has {zeros} zeros ({zeros_before} in the input), the report says "
+                             f"{expect} pruned")
+        checked[key] = f"{zeros:,} zeros, report {expect:,} pruned"
+    return {"tensors": len(after), "spot_checks": checked, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="--device of multiflow run: cpu (default) or cuda")
     ap.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
     ap.add_argument("--method", default="multiflow", help="--method of multiflow run (default multiflow)")
+    ap.add_argument("--check-load", action="store_true",
+                    help="before deleting each pruned copy, check that it would load (see the docstring)")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "run_7b",
                     help="folder for results.json")
     args = ap.parse_args(argv)

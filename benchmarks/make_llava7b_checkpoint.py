@@ -9,7 +9,8 @@ and a `weight_map` naming every key's shard, and a `config.json` with
 
     python benchmarks/make_llava7b_checkpoint.py /work/bench/llava-7b-hub-fp16
 
-7,063,427,072 parameters, 14.1 GB. Weights are N(0, s^2) with s drawn per
+7,063,427,072 parameters, 14.1 GB. `--size 13b`: LLaVA-1.5-13B's shape (decoder 40 x hidden 5120,
+MLP 13824, 40 heads; the same CLIP tower), 13,351,494,656 parameters, 26.7 GB. Weights are N(0, s^2) with s drawn per
 tensor, log-uniformly in [0.005, 0.05], so layers differ and so do their
 sparsities under a global magnitude threshold. Every tensor has its own
 generator, seeded from (--seed, tensor index): the output depends only on the
@@ -37,10 +38,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-EXPECTED_TOTAL = 7_063_427_072
 EXPECTED_VISION_LINEAR = 302_211_072
-EXPECTED_PROJECTOR = 20_979_712
-EXPECTED_DECODER_LINEAR = 6_476_005_376
+# per --size: (hidden, MLP, decoder layers, heads, name of the LLM), and (total, projector, decoder linear) parameters
+SIZES = {
+    "7b": ((4096, 11008, 32, 32, "lmsys/vicuna-7b-v1.5"), (7_063_427_072, 20_979_712, 6_476_005_376)),
+    "13b": ((5120, 13824, 40, 40, "lmsys/vicuna-13b-v1.5"), (13_351_494_656, 31_467_520, 12_687_769_600)),
+}
+T_NAME = SIZES["7b"][0][4]
 
 V_HIDDEN, V_INTER, V_LAYERS, V_HEADS, V_IMAGE, V_PATCH = 1024, 4096, 24, 16, 336, 14
 T_HIDDEN, T_INTER, T_LAYERS, T_HEADS, T_VOCAB = 4096, 11008, 32, 32, 32064
@@ -64,7 +68,7 @@ def config() -> dict:
         "image_seq_length": 576,
         "vocab_size": T_VOCAB,
         "text_config": {
-            "_name_or_path": "lmsys/vicuna-7b-v1.5",
+            "_name_or_path": T_NAME,
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": T_HIDDEN,
@@ -148,7 +152,7 @@ def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def check_counts(specs: list[tuple[str, tuple[int, ...]]]) -> int:
+def check_counts(specs: list[tuple[str, tuple[int, ...]]], expected: tuple[int, int, int]) -> int:
     total = sum(numel(s) for _, s in specs)
     keys = [k for k, _ in specs]
     assert len(keys) == len(set(keys)), "duplicate keys"
@@ -164,10 +168,11 @@ def check_counts(specs: list[tuple[str, tuple[int, ...]]]) -> int:
     nv, pv = linear("vision_tower.")
     npj, ppj = linear("multi_modal_projector.")
     nd, pd = linear("language_model.model.layers.")
+    expected_total, expected_projector, expected_decoder = expected
     assert (nv, pv) == (144, EXPECTED_VISION_LINEAR), (nv, pv)
-    assert (npj, ppj) == (2, EXPECTED_PROJECTOR), (npj, ppj)
-    assert (nd, pd) == (224, EXPECTED_DECODER_LINEAR), (nd, pd)
-    assert total == EXPECTED_TOTAL, f"total parameters {total:,} != {EXPECTED_TOTAL:,}"
+    assert (npj, ppj) == (2, expected_projector), (npj, ppj)
+    assert (nd, pd) == (7 * T_LAYERS, expected_decoder), (nd, pd)
+    assert total == expected_total, f"total parameters {total:,} != {expected_total:,}"
     return total
 
 
@@ -219,14 +224,13 @@ def make_tensor(index: int, key: str, shape: tuple[int, ...], seed: int) -> torc
     return out
 
 
-def verify_with_transformers(specs) -> None:
-    """Compare keys and shapes with transformers' LlavaForConditionalGeneration built on the meta device."""
+def transformers_specs(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of transformers' LlavaForConditionalGeneration for this config.json (built on the meta
+    device, nothing allocated), under the hub / 4.x key names this script writes."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    cfg = {k: v for k, v in config().items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(LlavaConfig(**cfg))
-    ours = dict(specs)
+        model = LlavaForConditionalGeneration(LlavaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
     theirs = {}
     for k, v in model.state_dict().items():
         # transformers >= 4.52 names -> hub / 4.x names
@@ -238,12 +242,25 @@ def verify_with_transformers(specs) -> None:
         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
             k = "vision_tower.vision_model." + k[len("vision_tower."):]  # newer versions drop the CLIPVisionModel wrapper
         theirs[k] = tuple(v.shape)
-    if ours != theirs:
-        only_ours = sorted(set(ours) - set(theirs))[:5]
-        only_theirs = sorted(set(theirs) - set(ours))[:5]
-        shape_diff = [(k, ours[k], theirs[k]) for k in ours if k in theirs and ours[k] != theirs[k]][:5]
-        raise SystemExit(f"differs from transformers: only ours {only_ours}, only transformers {only_theirs}, shapes {shape_diff}")
-    print(f"keys and shapes match transformers LlavaForConditionalGeneration ({len(ours)} tensors)")
+    return theirs
+
+
+def compare_specs(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]]) -> str | None:
+    """None when the keys and shapes are the same, else what differs (a few of each kind)."""
+    if ours == theirs:
+        return None
+    only_ours = sorted(set(ours) - set(theirs))[:5]
+    only_theirs = sorted(set(theirs) - set(ours))[:5]
+    shape_diff = [(k, ours[k], theirs[k]) for k in ours if k in theirs and ours[k] != theirs[k]][:5]
+    return f"only in the checkpoint {only_ours}, only in transformers {only_theirs}, shapes {shape_diff}"
+
+
+def verify_with_transformers(specs) -> None:
+    """Compare keys and shapes with transformers' LlavaForConditionalGeneration built on the meta device."""
+    diff = compare_specs(dict(specs), transformers_specs(config()))
+    if diff:
+        raise SystemExit(f"differs from transformers: {diff}")
+    print(f"keys and shapes match transformers LlavaForConditionalGeneration ({len(specs)} tensors)")
 
 
 def write_processor(out: Path) -> None:
@@ -275,26 +292,30 @@ def write_processor(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global T_LAYERS, V_LAYERS, T_VOCAB  # --text-layers etc.: a smaller model of the same shape
+    global T_HIDDEN, T_INTER, T_LAYERS, T_HEADS, T_NAME, V_LAYERS, T_VOCAB  # --size, --text-layers etc.
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard, in 10^9 bytes (default 5)")
     ap.add_argument("--threads", type=int, default=2, help="tensors generated in parallel (default 2)")
     ap.add_argument("--force", action="store_true", help="regenerate even if the folder is complete")
-    ap.add_argument("--text-layers", type=int, default=T_LAYERS,
-                    help=f"decoder layers (default {T_LAYERS}; fewer: a smaller LLaVA-shaped checkpoint for quick runs)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="7b",
+                    help="LLaVA-1.5-7B's shape (default) or 13B's (decoder 40 x 5120, MLP 13824; 26.7 GB)")
+    ap.add_argument("--text-layers", type=int, default=None,
+                    help="decoder layers (default: the size's, 32 or 40; fewer: a smaller checkpoint for quick runs)")
     ap.add_argument("--vision-layers", type=int, default=V_LAYERS, help=f"CLIP layers (default {V_LAYERS})")
     ap.add_argument("--vocab", type=int, default=T_VOCAB, help=f"vocabulary rows of embed_tokens and lm_head "
                     f"(default {T_VOCAB}; no processor files are written with another value)")
     ap.add_argument("--verify-with-transformers", action="store_true",
                     help="also check keys/shapes against transformers' LlavaForConditionalGeneration (meta device)")
     args = ap.parse_args(argv)
+    (T_HIDDEN, T_INTER, T_LAYERS, T_HEADS, T_NAME), expected = SIZES[args.size]
+    args.text_layers = T_LAYERS if args.text_layers is None else args.text_layers
     full = (args.text_layers, args.vision_layers, args.vocab) == (T_LAYERS, V_LAYERS, T_VOCAB)
     T_LAYERS, V_LAYERS, T_VOCAB = args.text_layers, args.vision_layers, args.vocab
 
     specs = tensor_specs()
-    total = check_counts(specs) if full else sum(numel(s) for _, s in specs)
+    total = check_counts(specs, expected) if full else sum(numel(s) for _, s in specs)
     total_bytes = total * 2
     print(f"total parameters: {total:,} ({total_bytes / 1e9:.2f} GB fp16, {len(specs)} tensors)")
     if args.verify_with_transformers:
