@@ -1,7 +1,8 @@
 """Plain causal LMs as inputs: the family preset, text windows, calibration, run, perplexity, GGUF.
 
-Tiny llama / qwen2 (q/k/v biases) / gemma2 (tied embeddings, logit soft-capping) models built from
-configs, with a byte-level tokenizer built offline (every text is tokens; it adds a BOS token).
+Tiny llama / qwen2 (q/k/v biases) / gemma2 (tied embeddings, logit soft-capping) / phi3 (fused qkv_proj and
+gate_up_proj) models built from configs, with a byte-level tokenizer built offline (every text is tokens; it
+adds a BOS token).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from multiflow.storage.stats_file import load_stats
 
 SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, pad_token_id=2, bos_token_id=0, eos_token_id=1, max_position_embeddings=256)
-FAMILIES = ["llama", "qwen2", "gemma2"]
+FAMILIES = ["llama", "qwen2", "gemma2", "phi3"]
 SEQ_LEN = 32
 WORDS = ("the a cat dog sat on mat ran fast slow red blue house tree river over under and but why "
          "when there is was not very small large green old new light dark near far").split()
