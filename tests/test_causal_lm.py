@@ -354,8 +354,8 @@ def test_perplexity_matches_a_manual_loop(lm, text_file, tmp_path):
     assert again == results  # deterministic
 
     multiflow.prune(folder, tmp_path / "mag", 0.6, method="magnitude")
-    drift = evaluate(EvalConfig(model=tmp_path / "mag", reference=folder, data=text_file, seq_len=SEQ_LEN,
-                                nsamples=4, seed=2, batch_size=4), progress=False)
+    drift = multiflow.evaluate(tmp_path / "mag", text_file, reference=folder, seq_len=SEQ_LEN, nsamples=4, seed=2,
+                               batch_size=4)  # the public entry point: the same EvalConfig
     chosen, _ = load_windows(text_file, tokenizer, SEQ_LEN, nsamples=4, seed=2, purpose="evaluation")
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "mag").eval()
     want = manual_eval(pruned, torch.stack([w.input_ids for w in chosen]), model)
@@ -376,6 +376,8 @@ def test_cli_eval_perplexity(lm, text_file, tmp_path, capsys):
     text = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert {"perplexity", "tokens", "kl", "top1_agreement"} <= set(results) and results["tokens"] == 3 * (SEQ_LEN - 1)
+    api = multiflow.evaluate(str(folder), str(text_file), reference=str(folder), seq_len=SEQ_LEN, nsamples=3)
+    assert json.loads(json.dumps(api)) == results  # the CLI writes what the Python entry point returns
     assert "Perplexity" in text and f"{results['perplexity']:.4f}" in text
     assert main(["eval", "--model", str(folder), "--data", str(text_file), "--seq-len", str(SEQ_LEN), "--nsamples",
                  "3", "--quiet"]) == 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from multiflow._version import __version__
-from multiflow.api import (calibrate, compute_distribution, compute_distributions, inventory, prune,
+from multiflow.api import (calibrate, compute_distribution, compute_distributions, evaluate, inventory, prune,
                            prune_module, run)
 from multiflow.distribution.distribute import Distribution, LayerShare
 from multiflow.errors import MultiflowError
 
 __all__ = ["Distribution", "LayerShare", "MultiflowError", "calibrate", "compute_distribution",
-           "compute_distributions", "inventory", "prune", "prune_module", "run", "__version__"]
+           "compute_distributions", "evaluate", "inventory", "prune", "prune_module", "run", "__version__"]

@@ -1,6 +1,6 @@
 """The Python entry points (re-exported by `multiflow`): Step 1 for an nn.Module or a checkpoint folder
-(`compute_distribution(s)`, `inventory`), Step 2 (`calibrate`), Step 3 (`prune`, `prune_module`) and all three
-(`run`). Each builds its stage's config and calls the stage; the CLI (cli.py) calls these."""
+(`compute_distribution(s)`, `inventory`), Step 2 (`calibrate`), Step 3 (`prune`, `prune_module`), all three
+(`run`) and what it cost (`evaluate`). Each builds its stage's config and calls the stage; the CLI (cli.py) calls these."""
 
 from __future__ import annotations
 
@@ -218,6 +218,30 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
         timings.update({**({"sequential_plan_seconds": round(plan_done - plan_started, 3)} if sequential else {}),
                         "calibrate_seconds": round(calibrated - plan_done, 3)})
         return _prune(config, progress, meta, planned, timings, updated=pruner and pruner.updated)
+
+
+def evaluate(model: str | os.PathLike, data=None, *, reference: str | os.PathLike | None = None,
+             nsamples: int | None = None, seed: int = 0, batch_size: int = 8, max_new_tokens: int = 16,
+             dtype: str = "float32", device: str = "cpu", seq_len: int = DEFAULT_SEQ_LEN,
+             class_templates: Iterable[str] | None = None, rules=None, trust_remote_code: bool = False,
+             progress: bool = False) -> dict:
+    """What pruning cost (`multiflow eval`), as the dict its `--output` writes.
+
+    A plain language model: perplexity over non-overlapping windows of `seq_len` tokens of the text `data`
+    (`perplexity`, `tokens`; with `reference`, the dense model, also `kl` (KL(reference ‖ model) per token) and
+    `top1_agreement`). A vision-language model: answers generated for the records of `data` (`nsamples` of
+    them, drawn by `seed`; all by default), exact-match `accuracy` overall and per kind, and with `reference`
+    agreement and KL per answer token. A retrieval model: recall@k and zero-shot accuracy.
+    """
+    from multiflow.evaluation.evaluate import EvalConfig, evaluate as _evaluate
+
+    templates = {"class_templates": tuple(class_templates)} if class_templates else {}
+    return _evaluate(EvalConfig(
+        model=Path(model), data=Path(data) if data is not None else None,
+        reference=Path(reference) if reference is not None else None, nsamples=nsamples, seed=seed,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, seq_len=seq_len, rules=Path(rules) if rules is not None else None,
+        **templates), progress=progress)
 
 
 def prune_module(model: nn.Module, target_sparsity: float | None = None, *, stats=None, method: str = "multiflow",

@@ -468,7 +468,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from multiflow.evaluation.evaluate import EvalConfig, evaluate
+    from multiflow import api
     from multiflow.reporting.console import render_eval
     from multiflow.storage.outputs import check_file_output, write_atomic
 
@@ -481,12 +481,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if output is not None:
         check_file_output(output, {"the --model folder": model, "the --reference folder": args.reference,
                                    "the --data input": args.data, "the --rules file": args.rules}, args.overwrite)
-    results = evaluate(EvalConfig(
-        model=model, data=Path(args.data) if args.data else _default_eval_data(args.model, model),
-        reference=Path(args.reference) if args.reference else None, nsamples=args.nsamples, seed=args.seed,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-        trust_remote_code=args.trust_remote_code, seq_len=args.seq_len, rules=Path(args.rules) if args.rules else None,
-        **({"class_templates": tuple(args.class_templates)} if args.class_templates else {})), progress=not args.quiet)
+    results = api.evaluate(
+        model, args.data if args.data else _default_eval_data(args.model, model), reference=args.reference,
+        nsamples=args.nsamples, seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code, seq_len=args.seq_len,
+        rules=args.rules, class_templates=args.class_templates, progress=not args.quiet)
     if output is not None:
         write_atomic(output, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
     if "perplexity" in results:  # a plain language model
