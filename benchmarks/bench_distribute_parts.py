@@ -5,7 +5,7 @@
     python benchmarks/bench_distribute_parts.py --checkpoint CKPT --shard model-00001-of-00006.safetensors
 
 Reads the chosen shard files once first (so that they are in the page cache when they fit) and says how much of
-them the page cache holds (`fincore`, when there is one), then times, one after the other:
+them the page cache holds (mincore, as bench_distribute.py), then times, one after the other:
   import      torch and multiflow's Step 1 modules (from this script's start);
   numba       the first call of the histogram kernel (numba loads its cached machine code);
   plain read  the shard files read in order with 16 MiB readinto calls (bench_distribute.py's yardstick);
@@ -23,7 +23,6 @@ _started = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -34,17 +33,7 @@ from multiflow.storage.checkpoint import list_tensors, read_tensors  # noqa: E40
 
 IMPORT_S = time.perf_counter() - _started
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_distribute import read_bytes  # noqa: E402
-
-
-def resident(files: list[Path]) -> str:
-    try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *map(str, files)],
-                             capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no fincore)"
-    res, size = sum(map(int, out[0::2])), sum(map(int, out[1::2]))
-    return f"{res / size:.1%} of {size / 1e9:.2f} GB"
+from bench_distribute import read_bytes, resident_bytes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     selection.coarse_histogram(torch.zeros(8, dtype=torch.float16), space)
     row["numba_first_call_s"] = time.perf_counter() - t0
     read_bytes(files)  # into the page cache, when it fits
-    row["page_cache"] = resident(files)
+    cached, size = resident_bytes(files), sum(f.stat().st_size for f in files)
+    row["page_cache"] = "unknown" if cached is None else f"{cached / size:.1%} of {size / 1e9:.2f} GB"
     row["plain_read_s"], row["bytes"] = read_bytes(files)
     t0 = time.perf_counter()
     for _ in read_tensors(entries):
