@@ -10,7 +10,8 @@ them the page cache holds (mincore, as bench_distribute.py), then times, one aft
   numba       the first call of the histogram kernel (numba loads its cached machine code);
   plain read  the shard files read in order with 16 MiB readinto calls (bench_distribute.py's yardstick);
   reader      `read_tensors` over the prunable 2-D weights of those files, nothing done with them;
-  reader + histograms  the same with `selection.coarse_histogram` on each (what Step 1's first pass does);
+  reader + histograms  the same with `selection.coarse_histogram` on each (Step 1's first pass before pieces);
+  pieces + histograms  `pieces.map_pieces` with the histogram of each piece (Step 1's first pass now);
   histograms  the same number of elements histogrammed from memory (2 threads).
 fp16 checkpoints only (the key space of the 7B- and 13B-shaped benchmark checkpoints).
 """
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 
 from multiflow.distribution import selection  # noqa: E402
 from multiflow.storage.checkpoint import list_tensors, read_tensors  # noqa: E402
+from multiflow.storage.pieces import map_pieces  # noqa: E402
 
 IMPORT_S = time.perf_counter() - _started
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     for _, weight in read_tensors(entries):
         selection.coarse_histogram(weight, space)
     row["reader_and_histograms_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in map_pieces(entries, lambda e, piece: selection.coarse_histogram(piece, space, sliced=False)):
+        pass
+    row["pieces_and_histograms_s"] = time.perf_counter() - t0
     n = sum(e.shape[0] * e.shape[1] for e in entries)
     chunk = (torch.randn(n // 64) * 0.02).half()
     t0 = time.perf_counter()

@@ -221,9 +221,12 @@ def distribute(
     bar = tqdm(total=sum(l.numel for l in live), unit="w", unit_scale=True,
                desc="Step 1: |W| histograms", disable=not progress)
     with bar:
-        for layer, weight in inventory.read(live):
+        def count(layer: Layer, piece: torch.Tensor) -> torch.Tensor:
+            return selection.coarse_histogram(piece, spaces[group_of(layer)], sliced=False)
+
+        for layer, counts in inventory.map_pieces(live, count):
             space = spaces[group_of(layer)]
-            hist = selection.coarse_histogram(weight, space)
+            hist = sum(counts[1:], counts[0])
             if int(hist[space.nonfinite_key >> space.shift :].sum()):
                 entry = layer.handle
                 where = f" (tensor {entry.key!r} of {entry.file})" if hasattr(entry, "file") else ""
@@ -305,9 +308,13 @@ def _fine_pass(inventory, groups, spaces, boundaries, progress) -> dict[tuple[st
     bar = tqdm(total=sum(l.numel for l in layers), unit="w", unit_scale=True,
                desc="Step 1: float32 boundary bins", disable=not progress)
     with bar:
-        for layer, weight in inventory.read(layers):
-            for coarse_bin in sorted(wanted[layer.name]):
-                fine[(layer.name, coarse_bin)] = selection.fine_histogram(weight, space_of[layer.name], coarse_bin)
+        def count(layer: Layer, piece: torch.Tensor) -> list[torch.Tensor]:
+            return [selection.fine_histogram(piece, space_of[layer.name], b, sliced=False)
+                    for b in sorted(wanted[layer.name])]
+
+        for layer, counts in inventory.map_pieces(layers, count):
+            for index, coarse_bin in enumerate(sorted(wanted[layer.name])):
+                fine[(layer.name, coarse_bin)] = sum((c[index] for c in counts[1:]), counts[0][index])
             bar.update(layer.numel)
     return fine
 

@@ -110,8 +110,10 @@ def key_space_for(dtypes: set[torch.dtype]) -> KeySpace:
     return KEY_SPACES[torch.float32]
 
 
-def coarse_histogram(weight: torch.Tensor, space: KeySpace, use_numba: bool = True) -> torch.Tensor:
-    """int64 histogram of key >> shift over all elements of weight."""
+def coarse_histogram(weight: torch.Tensor, space: KeySpace, use_numba: bool = True, sliced: bool = True,
+                     ) -> torch.Tensor:
+    """int64 histogram of key >> shift over all elements of weight (`sliced`: on all torch threads, else on the
+    calling thread alone, for callers that run one piece per thread)."""
     weight = weight.to(space.dtype).contiguous()
     if use_numba and _histogram_kernel is not None:
         unsigned = np.uint16 if space.int_dtype == torch.int16 else np.uint32
@@ -122,13 +124,14 @@ def coarse_histogram(weight: torch.Tensor, space: KeySpace, use_numba: bool = Tr
             _histogram_kernel(part, unsigned(space.mask), unsigned(space.shift), hist)
             return hist
 
-        return torch.from_numpy(sum(in_slices(count, bits)))
+        return torch.from_numpy(sum(in_slices(count, bits)) if sliced else count(bits))
     coarse = space.keys(weight) >> space.shift
     return torch.bincount(coarse, minlength=space.coarse_bins)
 
 
-def fine_histogram(weight: torch.Tensor, space: KeySpace, coarse_bin: int, use_numba: bool = True) -> torch.Tensor:
-    """int64 histogram of the low `shift` bits of the keys inside one coarse bin."""
+def fine_histogram(weight: torch.Tensor, space: KeySpace, coarse_bin: int, use_numba: bool = True,
+                   sliced: bool = True) -> torch.Tensor:
+    """int64 histogram of the low `shift` bits of the keys inside one coarse bin (`sliced` as coarse_histogram)."""
     if use_numba and _fine_kernel is not None and space.int_dtype == torch.int32:
         bits = weight.to(space.dtype).contiguous().reshape(-1).view(torch.int32).numpy().view(np.uint32)
 
@@ -137,7 +140,7 @@ def fine_histogram(weight: torch.Tensor, space: KeySpace, coarse_bin: int, use_n
             _fine_kernel(part, np.uint32(space.mask), np.uint32(space.shift), np.uint32(coarse_bin), hist)
             return hist
 
-        return torch.from_numpy(sum(in_slices(count, bits)))
+        return torch.from_numpy(sum(in_slices(count, bits)) if sliced else count(bits))
     keys = space.keys(weight)
     inside = keys[(keys >> space.shift) == coarse_bin] & (space.fine_bins - 1)
     return torch.bincount(inside, minlength=space.fine_bins)

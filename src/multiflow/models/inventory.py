@@ -11,9 +11,10 @@ steps see only the inventory.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from torch import nn
 from multiflow.errors import MultiflowError
 from multiflow.models.families import Family, ModalityRules, Rule, family_for, load_rules_file, rename_key
 from multiflow.storage.checkpoint import TensorEntry, list_tensors, read_config, read_tensors
+from multiflow.storage import pieces
+
+R = TypeVar("R")
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,6 +72,25 @@ class Inventory:
         """
         assert self.reader is not None
         return self.reader(self.layers if layers is None else layers)
+
+    def map_pieces(self, layers: list[Layer], fn: Callable[[Layer, torch.Tensor], R]
+                   ) -> Iterator[tuple[Layer, list[R]]]:
+        """Yield (layer, [fn(layer, piece) for each piece of its weight]) for `layers`, in order: the flattened
+        weight cut into contiguous pieces, `fn` run on them on torch.get_num_threads() threads (so it should
+        release the GIL: numba's nogil kernels, torch operations), results in piece order. A piece is valid only
+        during its call. From a safetensors checkpoint the pieces are read by storage/pieces.py (in place from
+        the page cache, around it otherwise); else each weight is read whole and cut in memory."""
+        if self.model_path is not None and all(isinstance(l.handle, TensorEntry) and l.handle.begin is not None
+                                               and isinstance(l.dtype, torch.dtype) for l in layers):
+            by_entry = {id(layer.handle): layer for layer in layers}
+            for entry, results in pieces.map_pieces([l.handle for l in layers], lambda e, p: fn(by_entry[id(e)], p)):
+                yield by_entry[id(entry)], results
+            return
+        with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="multiflow-piece") as pool:
+            for layer, weight in self.read(layers):
+                flat = weight.contiguous().reshape(-1)
+                step = max(1, pieces.PIECE_BYTES // flat.element_size())
+                yield layer, list(pool.map(lambda piece: fn(layer, piece), flat.split(step)))
 
     def by_modality(self) -> dict[str, list[Layer]]:
         groups: dict[str, list[Layer]] = {m: [] for m in self.rules.modalities}

@@ -268,9 +268,11 @@ def _read_into(fd: int, view: memoryview, offset: int, flags: int = 0) -> int:
     return got
 
 
-def _read_direct(path: Path, begin: int, end: int, buffer: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _read_direct(path: Path, begin: int, end: int, buffer: torch.Tensor, cached_first: bool = True,
+                 ) -> tuple[torch.Tensor, int]:
     """Read bytes [begin, end) into an aligned buffer: the page-cached part with
-    RWF_NOWAIT, the rest with O_DIRECT (no page-cache fill: on a cold cache this
+    RWF_NOWAIT (unless `cached_first` is False: the caller knows it is not all
+    cached), the rest with O_DIRECT (no page-cache fill: on a cold cache this
     costs a fraction of the CPU of buffered reads). Returns (span, bytes valid)."""
     a0 = begin - begin % _ALIGN
     a1 = -(-end // _ALIGN) * _ALIGN
@@ -281,7 +283,7 @@ def _read_direct(path: Path, begin: int, end: int, buffer: torch.Tensor) -> tupl
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
-            got = os.preadv(fd, [view], a0, _RWF_NOWAIT)
+            got = os.preadv(fd, [view], a0, _RWF_NOWAIT) if cached_first else 0
         except OSError:  # nothing cached (EAGAIN), or the flag is unsupported here
             got = 0
         if got < need:
