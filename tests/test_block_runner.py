@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import multiflow
-from multiflow.calibration.block_runner import find_blocks, run_blocks
+from multiflow.calibration.block_runner import find_blocks, input_embeddings_block, run_blocks
 from multiflow.calibration.calibrate import CalibrationConfig, calibrate
 from multiflow.calibration.data import load_samples
 from multiflow.calibration.statistics import collect_statistics
@@ -71,11 +71,14 @@ def test_one_block_in_memory_at_a_time(demo, jsonl):
         "model.multi_modal_projector.linear_1"]
     assert len(blocks) == 4 + 2 + 4
     block_of = {p: b.name for b in blocks for p in b.parameters}
-    seen = []
+    embeddings = input_embeddings_block(model, blocks)
+    assert embeddings.name == "model.language_model.embed_tokens" and not embeddings.calibrated
+    seen, embedded = [], []
 
     def probe(module, args):
         real = {n for n, p in model.named_parameters() if p.device.type != "meta"}
         seen.append({block_of[n] for n in real if n in block_of})
+        embedded.append(set(embeddings.parameters) & real)
 
     handles = [model.get_submodule(n).register_forward_pre_hook(probe) for n in names]
     samples, _ = load_samples(jsonl, 3, 0)
@@ -88,6 +91,7 @@ def test_one_block_in_memory_at_a_time(demo, jsonl):
         for h in handles:
             h.remove()
     assert len(seen) == 3 * len(names) and all(len(s) == 1 for s in seen)
+    assert not any(embedded)  # the input embeddings are used first, then freed: never beside a prunable layer
     assert all(p.device.type == "meta" for p in model.parameters())  # everything freed afterwards
 
 
