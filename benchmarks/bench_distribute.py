@@ -32,8 +32,6 @@ printed. `--read-only` measures only the reads (to check the harness and disk).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime as _dt
 import json
 import mmap
@@ -124,38 +122,22 @@ def read_bytes_direct(files: list[Path]) -> tuple[float, int]:
 
 
 def resident_bytes(files: list[Path]) -> int | None:
-    """How many bytes of the files are in the page cache (mincore), or None if unknown."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        page = mmap.PAGESIZE
-        resident = 0
-        for path in files:
-            size = path.stat().st_size
-            if size == 0:
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-                if addr in (None, ctypes.c_void_p(-1).value):
-                    return None
-                try:
-                    pages = (size + page - 1) // page
-                    vec = ctypes.create_string_buffer(pages)
-                    if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-                        return None
-                    resident += sum(b & 1 for b in vec.raw) * page
-                finally:
-                    libc.munmap(ctypes.c_void_p(addr), size)
-            finally:
-                os.close(fd)
-        return resident
-    except (OSError, AttributeError, TypeError):
-        return None
+    """How many bytes of the files are in the page cache (mincore, via multiflow's pieces.cached_pages), or None
+    if unknown."""
+    from multiflow.storage.pieces import cached_pages
 
+    resident = 0
+    for path in files:
+        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            counted = cached_pages(fd, 0, size)
+        finally:
+            os.close(fd)
+        if counted is None:
+            return None
+        resident += min(counted[0] * mmap.PAGESIZE, size)
+    return resident
 
 
 def run_child(argv: list[str], log: Path, timer: str | None) -> tuple[float, float, int, float]:
