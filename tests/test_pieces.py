@@ -44,7 +44,7 @@ def test_pieces_cover_each_tensor_in_order(tmp_path, workers, piece_bytes):
     assert seen == [e.key for e in entries]
 
 
-def test_unaligned_tensors_read_whole(tmp_path):
+def test_tensors_at_odd_offsets_in_pieces(tmp_path):
     expected = _write_unaligned(tmp_path / "odd.safetensors")
     for entry, results in pieces.map_pieces(list_tensors(tmp_path), lambda e, p: p.clone(), piece_bytes=6):
         assert torch.equal(_joined(results).view(torch.uint8), expected[entry.key].reshape(-1).view(torch.uint8))
@@ -99,7 +99,23 @@ def test_cached_pages_counts_a_fresh_file_and_an_evicted_one(tmp_path):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+    if _file_system(path) in ("tmpfs", "ramfs"):
+        pytest.skip("a memory file system keeps its pages")
     assert _cached(path)[0] < 10
+
+
+def _file_system(path):
+    """The type of the file system holding path, from /proc/mounts (the longest mount point above it)."""
+    best, kind = "", None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                _, point, fs, *_ = line.split()
+                if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+                    best, kind = point, fs
+    except OSError:
+        pass
+    return kind
 
 
 def test_an_error_is_raised_at_its_tensor_after_the_earlier_ones(tmp_path):
