@@ -91,6 +91,10 @@ def find_blocks(model: nn.Module, prunable: Iterable[str]) -> list[Block]:
             module = model.get_submodule(name)
             blocks.append(Block(name, module, [p for p in (f"{name}.{n}" for n, _ in module.named_parameters())
                                                if p in base]))
+    return _in_model_order(model, blocks)
+
+
+def _in_model_order(model: nn.Module, blocks: list[Block]) -> list[Block]:
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(blocks, key=lambda b: order[b.name])
 
@@ -197,8 +201,7 @@ def run_blocks(
     blocks = find_blocks(model, prunable)
     embeddings = input_embeddings_block(model, blocks)
     if embeddings is not None:
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        blocks = sorted([*blocks, embeddings], key=lambda b: order[b.name])
+        blocks = _in_model_order(model, [*blocks, embeddings])
     in_blocks = {p for b in blocks for p in b.parameters}
     resident = [p for p in base_parameters(model) if p not in in_blocks]
     per_pass = len(batches) if not batches_per_pass else max(1, batches_per_pass)

@@ -72,14 +72,20 @@ def _resident(libc: _Libc, addr: int, length: int) -> tuple[int, int] | None:
     return int((np.frombuffer(vec.raw, np.uint8) & 1).sum()), pages
 
 
+def _map(libc: _Libc, fd: int, offset: int, length: int) -> int | None:
+    """Address of a read-only shared mapping of bytes [offset, offset + length) of an open file, or None."""
+    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    return None if addr in (None, _FAILED) else addr
+
+
 def cached_pages(fd: int, offset: int, length: int) -> tuple[int, int] | None:
     """(pages of bytes [offset, offset + length) of an open file in the page cache, pages in all), or None when
     this system cannot tell. `offset` must be a multiple of the page size."""
     libc = _libc()
     if libc is None or length <= 0:
         return None if libc is None else (0, 0)
-    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-    if addr in (None, _FAILED):
+    addr = _map(libc, fd, offset, length)
+    if addr is None:
         return None
     try:
         return _resident(libc, addr, length)
@@ -125,8 +131,8 @@ class _Worker:
         fd = self.fds.get(path)
         if fd is None:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
-        addr = self.libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-        if addr in (None, _FAILED):
+        addr = _map(self.libc, fd, offset, length)
+        if addr is None:
             return None
         resident = _resident(self.libc, addr, length)
         if resident is None or resident[0] < resident[1]:
