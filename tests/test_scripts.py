@@ -54,3 +54,34 @@ def test_every_script_answers_help(script):
     done = subprocess.run([sys.executable, *HELP[script], "--help"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.unit
+def test_the_benchmark_grid_keys_rows_by_their_extra_flags(tmp_path, monkeypatch):
+    """A re-run with `--extra` flags runs its configurations again (they are other rows, not "already there"),
+    a re-run of the same command runs nothing, and the table shows the two apart."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    bench = importlib.import_module("experiments.smollm2.bench")
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_grid_arguments(parser, seeds=[0])
+    bench.add_extra_argument(parser)
+    ran = []
+
+    def fake_run(c):
+        ran.append(bench.method_flags(c))
+        return {**c, "perplexity": 10.0 + len(c.get("extra", [])), "kl": 0.5}
+
+    base = ["--out", str(tmp_path), "--configs", "multiflow+obs/modality/row", "--sparsities", "0.5"]
+    for argv in (base, base + ["--extra", "--max-layer-sparsity", "0.9"], base + ["--extra", "--max-layer-sparsity",
+                                                                                    "0.9"], base):
+        args = parser.parse_args(argv)
+        args.sparsities = [float(s) for s in args.sparsities]
+        rows = bench.run_grid(args, fake_run, {})
+    assert ran == [["--seed", "0", "--method", "multiflow", "--update", "obs", "--target-sparsity", "0.5",
+                    "--allocation", "modality", "--group", "row"],
+                   ["--seed", "0", "--method", "multiflow", "--update", "obs", "--target-sparsity", "0.5",
+                    "--allocation", "modality", "--group", "row", "--max-layer-sparsity", "0.9"]]
+    assert len(rows) == 2
+    table = bench.table(rows, "header", bench.PERPLEXITY)
+    assert "| multiflow+obs | modality | row | 10.00 (0.500) |" in table
+    assert "| multiflow+obs --max-layer-sparsity 0.9 | modality | row | 12.00 (0.500) |" in table

@@ -39,7 +39,14 @@ GROUPS = ("layer", "row")
 
 
 def config_key(c: dict) -> str:
-    return "|".join(f"{k}={c[k]}" for k in ("method", "allocation", "group", "sparsity", "seed"))
+    """What makes two rows the same configuration: method, allocation, group, sparsity, seed and extra flags."""
+    key = "|".join(f"{k}={c[k]}" for k in ("method", "allocation", "group", "sparsity", "seed"))
+    return key + (f"|extra={' '.join(c['extra'])}" if c.get("extra") else "")
+
+
+def method_label(c: dict) -> str:
+    """The method column of a table or plot: the method, then its extra `multiflow run` flags, if any."""
+    return " ".join([c["method"], *c.get("extra", [])])
 
 
 def method_flags(c: dict) -> list[str]:
@@ -81,8 +88,6 @@ def run_grid(args, run_config, fields: dict) -> list[dict]:
     done = {config_key(r) for r in rows if "error" not in r}
     todo = [c for c in grid(args) if config_key(c) not in done]
     for i, c in enumerate(todo, 1):
-        if args.extra:
-            c["extra"] = args.extra
         row = {**run_config(c), "git": git_rev(REPO), **fields}
         print(f"[{i}/{len(todo)}] {json.dumps(row)}", flush=True)
         rows = [r for r in rows if config_key(r) != config_key(row)] + [row]
@@ -143,7 +148,8 @@ def grid(args) -> list[dict]:
                                   for c in configs):
                 continue  # N:M fixes every layer's sparsity: one run per method
             configs.append({"method": method, "allocation": "-" if s == "2:4" else allocation,
-                            "group": "-" if s == "2:4" else group, "sparsity": s, "seed": seed})
+                            "group": "-" if s == "2:4" else group, "sparsity": s, "seed": seed,
+                            **({"extra": list(args.extra)} if args.extra else {})})
     return configs
 
 
@@ -171,7 +177,7 @@ def table(rows: list[dict], header: str, metric: Metric) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "error" not in r:
-            groups.setdefault((r["method"], r["allocation"], r["group"], str(r["sparsity"])), []).append(r)
+            groups.setdefault((method_label(r), r["allocation"], r["group"], str(r["sparsity"])), []).append(r)
     sparsities = sorted({k[3] for k in groups}, key=lambda s: (s == "2:4", s))
     lines = [header, "", metric.caption, "", "| method | allocation | group | " + " | ".join(sparsities) + " |",
              "|---|---|---|" + "---|" * len(sparsities)]
@@ -204,7 +210,7 @@ def plot(rows: list[dict], dense_row: dict, path: Path, metric: Metric) -> None:
     series: dict[str, dict[float, list[float]]] = {}
     for r in rows:
         if "error" not in r and r["sparsity"] != "2:4":
-            series.setdefault(f"{r['method']} / {r['allocation']} / {r['group']}", {}).setdefault(
+            series.setdefault(f"{method_label(r)} / {r['allocation']} / {r['group']}", {}).setdefault(
                 float(r["sparsity"]), []).append(metric.scale * r[metric.key])
     for label, points in sorted(series.items()):
         xs = sorted(points)
