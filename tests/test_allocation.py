@@ -58,7 +58,41 @@ def test_owl_keep_ratios_by_hand():
     keep = allocation.owl_keep_ratios([0.0, 0.1, 0.2], [1, 1, 2], 0.5)
     assert keep == pytest.approx([0.4, 0.48, 0.56], abs=1e-12)
     assert allocation.owl_keep_ratios([0.3, 0.3], [5, 7], 0.6) == pytest.approx([0.4, 0.4])  # no spread: uniform
-    assert allocation.outlier_share(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 100.0])) == 0.1
+
+
+def test_block_of_names():
+    assert allocation.block_of("model.language_model.layers.12.self_attn.q_proj") == "model.language_model.layers.12"
+    assert allocation.block_of("vision_tower.vision_model.encoder.layers.0.mlp.fc1") == \
+        "vision_tower.vision_model.encoder.layers.0"
+    assert allocation.block_of("multi_modal_projector.linear_2") == "multi_modal_projector"
+    assert allocation.block_of("fc") == "fc"
+
+
+def test_owl_sparsities_are_per_block_from_the_concatenated_scores(model_and_stats):
+    """Reference: per block (a decoder or encoder layer, or the projector), OWL's D over the concatenation of all
+    its linears' Wanda scores, then the keep ratios; every linear of a block at the block's sparsity."""
+    model, stats = model_and_stats
+    inventory = from_module(model)
+
+    def score(layer, weight):
+        return scores.wanda_score(weight, stats[layer.name].sq_mean)
+
+    got = allocation.owl_sparsities(inventory, score, 0.6)
+    for modality, layers in inventory.by_modality().items():
+        if not layers:
+            continue
+        blocks: dict[str, list] = {}
+        for l in layers:
+            blocks.setdefault(l.name.rsplit(".", 2)[0] if ".layers." in l.name else l.name.split(".")[0], []).append(l)
+        assert len(blocks) < len(layers)
+        cats = {b: torch.cat([score(l, l.handle.detach()).reshape(-1) for l in ls]) for b, ls in blocks.items()}
+        shares = [float((c > 5 * c.double().mean()).double().mean()) for c in cats.values()]
+        keep = allocation.owl_keep_ratios(shares, [c.numel() for c in cats.values()], 0.6)
+        for k, (b, ls) in zip(keep, blocks.items()):
+            for l in ls:
+                assert got[l.name] == 1 - k, l.name
+        if len(set(shares)) > 1:
+            assert len({got[l.name] for l in layers}) > 1
 
 
 @pytest.mark.parametrize("alloc", ["scores", "owl"])

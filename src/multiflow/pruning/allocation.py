@@ -8,11 +8,13 @@ at the scores (`--method`'s, any of `scores.SCORES`; wanda's for sparsegpt) inst
 - `scores`: one threshold per modality over per-layer-normalised scores (each
   layer's scores divided by their mean): the modality's k-th smallest
   normalised score, found exactly with Step 1's selection over the scores.
-- `owl`: outlier-weighted layerwise sparsity (Yin et al., 2023): a layer's
-  outlier share D_l = fraction of its scores above M x their mean (M = 5);
-  within a modality, keep ratios are D_l rescaled to [0, 2 lambda] (lambda =
-  0.08), shifted so that the modality keeps 1 - s of its weights (weighted by
-  layer size: layers here differ in size), clamped to [0, 1].
+- `owl`: outlier-weighted layerwise sparsity (Yin et al., 2023), per block
+  as in OWL's code: a block's (decoder layer's) outlier share D_b = fraction
+  of the scores of all its linears above M x their mean (M = 5); within a
+  modality, keep ratios are D_b rescaled to [0, 2 lambda] (lambda = 0.08),
+  shifted so that the modality keeps 1 - s of its weights (weighted by block
+  size: a vision block and a text block differ), clamped to [0, 1]; every
+  linear of a block gets the block's sparsity.
 """
 
 from __future__ import annotations
@@ -51,13 +53,18 @@ def score_counts(inventory: Inventory, score: ScoreFn, target: float, progress: 
     return {name: share.pruned for name, share in dist.layers.items()}
 
 
-def outlier_share(score: torch.Tensor, m: float = OWL_M) -> float:
-    """OWL's D_l: the fraction of a layer's scores above m times their mean."""
-    return float((score > m * score.mean()).double().mean())
+def block_of(name: str) -> str:
+    """The block a layer belongs to, from its name: up to the first numeric part (`model.layers.3.mlp.up_proj` ->
+    `model.layers.3`, an entry of the model's layer list), else its parent module (`multi_modal_projector`)."""
+    parts = name.split(".")
+    digit = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if digit is not None:
+        return ".".join(parts[: digit + 1])
+    return ".".join(parts[:-1]) or name
 
 
 def owl_keep_ratios(shares: list[float], sizes: list[int], target: float, lam: float = OWL_LAMBDA) -> list[float]:
-    """Keep ratios of one modality's layers from their outlier shares (OWL's rescale, size-weighted shift)."""
+    """Keep ratios of one modality's blocks from their outlier shares (OWL's rescale, size-weighted shift)."""
     d = torch.tensor(shares, dtype=torch.float64)
     n = torch.tensor(sizes, dtype=torch.float64)
     span = d.max() - d.min()
@@ -67,12 +74,24 @@ def owl_keep_ratios(shares: list[float], sizes: list[int], target: float, lam: f
 
 
 def owl_sparsities(inventory: Inventory, score: ScoreFn, target: float) -> dict[str, float]:
-    """Per-layer sparsity by OWL, per modality."""
-    shares = {layer.name: outlier_share(score(layer, weight)) for layer, weight in inventory.read(inventory.layers)}
+    """Per-layer sparsity by OWL, per modality: the sparsity of the layer's block. Two passes over the weights
+    (the block's mean score, then its outliers), so that no more than one layer's scores are ever in memory."""
+    block = {l.name: (l.modality, block_of(l.name)) for l in inventory.layers}
+    sizes: dict[tuple[str, str], int] = {}
+    for l in inventory.layers:
+        sizes[block[l.name]] = sizes.get(block[l.name], 0) + l.numel
+    sums = dict.fromkeys(sizes, 0.0)
+    for layer, weight in inventory.read(inventory.layers):
+        sums[block[layer.name]] += float(score(layer, weight).sum(dtype=torch.float64))
+    outliers = dict.fromkeys(sizes, 0)
+    for layer, weight in inventory.read(inventory.layers):
+        b = block[layer.name]
+        outliers[b] += int((score(layer, weight) > OWL_M * (sums[b] / sizes[b])).sum())
     out = {}
-    for layers in inventory.by_modality().values():
-        if not layers:
+    for modality, layers in inventory.by_modality().items():
+        blocks = list(dict.fromkeys(block[l.name] for l in layers))
+        if not blocks:
             continue
-        keep = owl_keep_ratios([shares[l.name] for l in layers], [l.numel for l in layers], target)
-        out.update({l.name: 1 - k for l, k in zip(layers, keep)})
+        keep = owl_keep_ratios([outliers[b] / sizes[b] for b in blocks], [sizes[b] for b in blocks], target)
+        out.update({l.name: 1 - keep[blocks.index(block[l.name])] for l in layers})
     return out

@@ -136,8 +136,8 @@ ALLOCATIONS: dict[str, Allocation] = {
     "global": Allocation("one magnitude threshold over all modalities (ablation)", _from_distribution),
     "scores": Allocation("one threshold per modality over each layer's --method scores divided by their mean",
                          _score_plans, from_scores=True),
-    "owl": Allocation("outlier-weighted (OWL: layers with more scores above 5x their mean keep more, within "
-                      "+-0.08 of the target)", _score_plans, from_scores=True),
+    "owl": Allocation("outlier-weighted (OWL, per block: decoder/encoder layers with more scores above 5x "
+                      "their mean keep more, within +-0.08 of the target)", _score_plans, from_scores=True),
 }
 
 
