@@ -92,6 +92,7 @@ def owl_sparsities(inventory: Inventory, score: ScoreFn, target: float) -> dict[
         blocks = list(dict.fromkeys(block[l.name] for l in layers))
         if not blocks:
             continue
-        keep = owl_keep_ratios([outliers[b] / sizes[b] for b in blocks], [sizes[b] for b in blocks], target)
-        out.update({l.name: 1 - keep[blocks.index(block[l.name])] for l in layers})
+        keep = dict(zip(blocks, owl_keep_ratios([outliers[b] / sizes[b] for b in blocks], [sizes[b] for b in blocks],
+                                                target)))
+        out.update({l.name: 1 - keep[block[l.name]] for l in layers})
     return out
