@@ -5,6 +5,7 @@ function) resolves, and every script answers `--help`.
 The dual encoder's selfcheck (`python -m experiments.dual_encoder.selfcheck`) is not run here: it needs
 scikit-learn (the digits), which the test extra does not install."""
 
+import argparse
 import ast
 import importlib
 import os
@@ -62,7 +63,7 @@ def test_the_benchmark_grid_keys_rows_by_their_extra_flags(tmp_path, monkeypatch
     a re-run of the same command runs nothing, and the table shows the two apart."""
     monkeypatch.syspath_prepend(str(ROOT))
     bench = importlib.import_module("experiments.smollm2.bench")
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     bench.add_grid_arguments(parser, seeds=[0])
     bench.add_extra_argument(parser)
     ran = []

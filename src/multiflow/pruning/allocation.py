@@ -88,7 +88,7 @@ def owl_sparsities(inventory: Inventory, score: ScoreFn, target: float) -> dict[
         b = block[layer.name]
         outliers[b] += int((score(layer, weight) > OWL_M * (sums[b] / sizes[b])).sum())
     out = {}
-    for modality, layers in inventory.by_modality().items():
+    for layers in inventory.by_modality().values():
         blocks = list(dict.fromkeys(block[l.name] for l in layers))
         if not blocks:
             continue
