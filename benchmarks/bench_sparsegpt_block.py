@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_sparsegpt_block.py
     git show 6446e97:src/multiflow/pruning/sparsegpt.py > /tmp/sparsegpt_old.py
     OMP_NUM_THREADS=2 python benchmarks/bench_sparsegpt_block.py --module /tmp/sparsegpt_old.py   # another version
+    OMP_NUM_THREADS=2 python benchmarks/bench_sparsegpt_block.py --group row     # each tile's count per row
 
 What `run --method sparsegpt` does per block, on random data of the block's shapes (hidden 4096, MLP 11008;
 --tokens calibration tokens, 8 samples of ~621 by default): each shared input's `HessianAccumulator` (q/k/v,
@@ -31,6 +32,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", help="a sparsegpt.py to load instead of multiflow.pruning.sparsegpt")
     parser.add_argument("--tokens", type=int, default=4968)
+    parser.add_argument("--group", choices=("layer", "row"), default="layer",
+                        help="what one tile's k is counted over: the whole tile, or each row of it (default layer)")
     args = parser.parse_args()
     sg = sparsegpt_module(args.module)
     g = torch.Generator().manual_seed(0)
@@ -51,7 +54,8 @@ def main() -> int:
         if hasattr(sg, "Factor"):
             hessian = sg.Factor.of(hessian, in_place=True)
         for w in weights:
-            new, _ = sg.sparsegpt_prune(w, hessian, sparsity=0.5)
+            group = {"group": args.group} if args.group != "layer" else {}  # older modules lack the argument
+            new, _ = sg.sparsegpt_prune(w, hessian, sparsity=0.5, **group)
             checksum += float(new.double().abs().sum())
             del new
         del hessian
@@ -59,7 +63,7 @@ def main() -> int:
         times["factor + prune"] += elapsed
         print(f"  {name}: {len(layers)} x {layers[0]} x {features}: factor + prune {elapsed:.1f} s", flush=True)
     peak = memory_mib()["hwm"] - start
-    print(f"{args.module or 'multiflow.pruning.sparsegpt'}: accumulate {times['accumulate']:.1f} s, factor + prune "
+    print(f"{args.module or 'multiflow.pruning.sparsegpt'} (group {args.group}): accumulate {times['accumulate']:.1f} s, factor + prune "
           f"{times['factor + prune']:.1f} s, total {sum(times.values()):.1f} s; peak RSS {peak:.0f} MiB above the "
           f"start; checksum {checksum:.3f}")
     return 0

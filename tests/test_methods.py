@@ -281,20 +281,20 @@ def test_each_pruning_option_is_defined_once():
 
 @pytest.mark.slow
 def test_run_without_method_is_the_recommended_configuration(demo, jsonl, tmp_path):
-    """`run` without --method = --method sparsegpt --allocation uniform --group layer, byte for byte; with
+    """`run` without --method = --method sparsegpt --allocation uniform --group row, byte for byte; with
     --method multiflow alone, the paper's method (modality allocation, layer groups, no update)."""
     folder = demo[0]
     common = ["run", "--model", str(folder), "--data", str(jsonl), "--nsamples", "2", "--target-sparsity", "0.5",
               "--quiet", "--deterministic-report"]
     assert main([*common, "--output", str(tmp_path / "default")]) == 0
     assert main([*common, "--output", str(tmp_path / "explicit"), "--method", "sparsegpt", "--allocation", "uniform",
-                 "--group", "layer"]) == 0
+                 "--group", "row"]) == 0
     assert main([*common, "--output", str(tmp_path / "paper"), "--method", "multiflow"]) == 0
     for name in ("model.safetensors", "multiflow_report.json"):
         assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "explicit" / name).read_bytes(), name
     report = json.loads((tmp_path / "default" / "multiflow_report.json").read_text())
     assert (report["method"], report["update"], report["allocation"], report["group"]) == \
-        ("sparsegpt", "obs", "uniform", "layer")
+        ("sparsegpt", "obs", "uniform", "row")
     paper = json.loads((tmp_path / "paper" / "multiflow_report.json").read_text())
     assert (paper["method"], paper["update"], paper["allocation"], paper["group"]) == \
         ("multiflow", "none", "modality", "layer")

@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "method needs them) and Step 3 (prune and save). Accepts the options of distribute, "
                     "calibrate and prune. Without --method, run uses the configuration measured best on real "
                     "pretrained weights (README, 'Which configuration should I use'): --method sparsegpt "
-                    "--allocation uniform (SparseGPT's mask and OBS update of the kept weights, every layer at the "
-                    "target; block by block, each block calibrated on the pruned blocks before it). With "
+                    "--allocation uniform --group row (SparseGPT's mask and OBS update of the kept weights, every "
+                    "layer and every output row at the target; block by block, each block calibrated on the pruned "
+                    "blocks before it). With "
                     "--method, --allocation, --group and --update default as the paper (modality, layer, none): "
                     "--method multiflow alone is the paper's exact method.",
     )

@@ -19,7 +19,7 @@ UPDATES = ("none", "obs")  # obs: SparseGPT's weight update after each tile's ma
 # `multiflow run` without --method: the configuration measured best on the pretrained judges (README, "Which
 # configuration should I use"). With --method, the others default as the paper: `--method multiflow` alone is the
 # paper's exact method (allocation modality, one threshold per layer, no weight update).
-RUN_RECOMMENDED = {"method": "sparsegpt", "update": "none", "allocation": "uniform", "group": "layer"}
+RUN_RECOMMENDED = {"method": "sparsegpt", "update": "none", "allocation": "uniform", "group": "row"}
 PAPER_DEFAULTS = {"allocation": "modality", "group": "layer", "update": "none"}
 
 
@@ -78,7 +78,8 @@ class PruningChoices(DistributionChoices):
     group: str = option(
         "layer", choices=lambda: COMPARISON_GROUPS,
         help="comparison group for the threshold: the whole matrix (default, as the paper) or each output row "
-             "(Wanda's choice)")
+             "(Wanda's choice; `run` without --method uses row); with --method sparsegpt or --update obs, within "
+             "each block of --blocksize columns")
     structure: Structure = option(
         default_factory=Structure, cli_default="unstructured",
         help="unstructured (default) or N:M = keep N of every M consecutive inputs of a row (2:4 keeps 2 of 4); "
