@@ -52,6 +52,33 @@ def test_score_counts_equal_kthvalue_over_the_normalised_concatenation(model_and
         assert len({got[l.name] / l.numel for l in layers}) > 1  # not uniform
 
 
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_score_counts_of_a_checkpoint_folder_come_from_the_scores(model_and_stats, method, tmp_path):
+    """On a checkpoint folder Step 1 reads weights in pieces from the files: the scores allocation must still
+    threshold the normalised scores (it once planned the magnitude map there, the same counts as `modality`)."""
+    from multiflow.models.inventory import from_checkpoint
+
+    model, stats = model_and_stats
+    model.save_pretrained(tmp_path)
+    inventory = from_checkpoint(tmp_path)
+    assert inventory.model_path is not None
+
+    def score(layer, weight):
+        return scores.score(method, weight, stats[layer.name].sq_mean)
+
+    got = allocation.score_counts(inventory, score, 0.75)
+    for modality, layers in inventory.by_modality().items():
+        if not layers:
+            continue
+        weights = {l.name: model.get_submodule(l.name).weight.detach() for l in layers}
+        normed = {n: score_ / score_.mean() for n, score_ in
+                  ((n, score(next(l for l in layers if l.name == n), w)) for n, w in weights.items())}
+        flat = torch.cat([v.reshape(-1) for v in normed.values()])
+        tau = torch.kthvalue(flat, math.floor(flat.numel() * 0.75)).values
+        for name, v in normed.items():
+            assert got[name] == int((v <= tau).sum()), name
+
+
 def test_owl_keep_ratios_by_hand():
     # shares 0, .1, .2 -> rescaled to [0, 2 x 0.08] = 0, .08, .16; size-weighted mean (0 + .08 + 2 x .16) / 4 = .1;
     # keep = x - .1 + (1 - .5) = .4, .48, .56 (kept weights: .4 + .48 + 2 x .56 = 2.0 = half of 4)
