@@ -70,9 +70,10 @@ def test_score_counts_of_a_checkpoint_folder_come_from_the_scores(model_and_stat
     for modality, layers in inventory.by_modality().items():
         if not layers:
             continue
-        weights = {l.name: model.get_submodule(l.name).weight.detach() for l in layers}
-        normed = {n: score_ / score_.mean() for n, score_ in
-                  ((n, score(next(l for l in layers if l.name == n), w)) for n, w in weights.items())}
+        normed = {}
+        for l in layers:
+            s = score(l, model.get_submodule(l.name).weight.detach())
+            normed[l.name] = s / s.mean()
         flat = torch.cat([v.reshape(-1) for v in normed.values()])
         tau = torch.kthvalue(flat, math.floor(flat.numel() * 0.75)).values
         for name, v in normed.items():
