@@ -36,6 +36,7 @@ def main() -> int:
                         help="what one tile's k is counted over: the whole tile, or each row of it (default layer)")
     args = parser.parse_args()
     sg = sparsegpt_module(args.module)
+    group = {"group": args.group} if args.group != "layer" else {}  # older modules lack the argument
     g = torch.Generator().manual_seed(0)
     start, times, checksum = memory_mib()["hwm"], {"accumulate": 0.0, "factor + prune": 0.0}, 0.0
     for name, features, layers in BLOCK:
@@ -54,7 +55,6 @@ def main() -> int:
         if hasattr(sg, "Factor"):
             hessian = sg.Factor.of(hessian, in_place=True)
         for w in weights:
-            group = {"group": args.group} if args.group != "layer" else {}  # older modules lack the argument
             new, _ = sg.sparsegpt_prune(w, hessian, sparsity=0.5, **group)
             checksum += float(new.double().abs().sum())
             del new
@@ -63,8 +63,8 @@ def main() -> int:
         times["factor + prune"] += elapsed
         print(f"  {name}: {len(layers)} x {layers[0]} x {features}: factor + prune {elapsed:.1f} s", flush=True)
     peak = memory_mib()["hwm"] - start
-    print(f"{args.module or 'multiflow.pruning.sparsegpt'} (group {args.group}): accumulate {times['accumulate']:.1f} s, factor + prune "
-          f"{times['factor + prune']:.1f} s, total {sum(times.values()):.1f} s; peak RSS {peak:.0f} MiB above the "
+    print(f"{args.module or 'multiflow.pruning.sparsegpt'} (group {args.group}): accumulate "
+          f"{times['accumulate']:.1f} s, factor + prune {times['factor + prune']:.1f} s, total {sum(times.values()):.1f} s; peak RSS {peak:.0f} MiB above the "
           f"start; checksum {checksum:.3f}")
     return 0
 

@@ -41,15 +41,26 @@ def test_score_counts_equal_kthvalue_over_the_normalised_concatenation(model_and
                 "magnitude": lambda: scores.magnitude_score(weight)}[method]()
 
     got = allocation.score_counts(inventory, score, target)
-    for modality, layers in inventory.by_modality().items():
+    assert got == kthvalue_counts(inventory, lambda l: l.handle.detach(), score, target)
+    for layers in inventory.by_modality().values():
+        assert not layers or len({got[l.name] / l.numel for l in layers}) > 1  # not uniform
+
+
+def kthvalue_counts(inventory, weight_of, score, target: float) -> dict[str, int]:
+    """The reference: per modality, the k-th lowest of the concatenated normalised scores (k = floor(target x
+    their number)) and, per layer, how many of its normalised scores are at or below it."""
+    counts = {}
+    for layers in inventory.by_modality().values():
         if not layers:
             continue
-        normed = {l.name: score(l, l.handle.detach()) / score(l, l.handle.detach()).mean() for l in layers}
+        normed = {}
+        for l in layers:
+            s = score(l, weight_of(l))
+            normed[l.name] = s / s.mean()
         flat = torch.cat([v.reshape(-1) for v in normed.values()])
         tau = torch.kthvalue(flat, math.floor(flat.numel() * target)).values
-        for name, v in normed.items():
-            assert got[name] == int((v <= tau).sum()), name
-        assert len({got[l.name] / l.numel for l in layers}) > 1  # not uniform
+        counts.update({name: int((v <= tau).sum()) for name, v in normed.items()})
+    return counts
 
 
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
@@ -66,18 +77,10 @@ def test_score_counts_of_a_checkpoint_folder_come_from_the_scores(model_and_stat
     def score(layer, weight):
         return scores.score(method, weight, stats[layer.name].sq_mean)
 
-    got = allocation.score_counts(inventory, score, 0.75)
-    for modality, layers in inventory.by_modality().items():
-        if not layers:
-            continue
-        normed = {}
-        for l in layers:
-            s = score(l, model.get_submodule(l.name).weight.detach())
-            normed[l.name] = s / s.mean()
-        flat = torch.cat([v.reshape(-1) for v in normed.values()])
-        tau = torch.kthvalue(flat, math.floor(flat.numel() * 0.75)).values
-        for name, v in normed.items():
-            assert got[name] == int((v <= tau).sum()), name
+    def weight_of(layer):
+        return model.get_submodule(layer.name).weight.detach()
+
+    assert allocation.score_counts(inventory, score, 0.75) == kthvalue_counts(inventory, weight_of, score, 0.75)
 
 
 def test_owl_keep_ratios_by_hand():

@@ -138,8 +138,8 @@ def run(model: str | os.PathLike, output: str | os.PathLike, target_sparsity: fl
     """Steps 1-3: calibrate (when the method needs statistics), distribute and prune into `output`.
 
     Without `method`, the configuration measured best on the pretrained judges (`pruning.config.RUN_RECOMMENDED`:
-    SparseGPT, every layer and every output row at the target); with a `method`, `allocation`, `group` and `update` default as the
-    paper (`PAPER_DEFAULTS`: `method="multiflow"` alone is the paper's exact method).
+    SparseGPT, every layer and every output row at the target); with a `method`, `allocation`, `group` and `update`
+    default as the paper (`PAPER_DEFAULTS`: `method="multiflow"` alone is the paper's exact method).
 
     `sequential`: each block is calibrated on the outputs of the already-pruned blocks before it
     (Step 1 runs first to fix every layer's count). `vision_tower` (original-layout LLaVA) serves

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -72,6 +72,12 @@ class Inventory:
         """
         assert self.reader is not None
         return self.reader(self.layers if layers is None else layers)
+
+    def with_reader(self, reader: Callable[[list[Layer]], Iterator[tuple[Layer, torch.Tensor]]],
+                    dtype: torch.dtype) -> "Inventory":
+        """A copy whose layers' tensors (of `dtype`) come from `reader` (e.g. scores computed from the weights).
+        It has no model_path, so `map_pieces` cuts what `reader` yields and never reads the checkpoint's files."""
+        return replace(self, layers=[replace(l, dtype=dtype) for l in self.layers], reader=reader, model_path=None)
 
     def map_pieces(self, layers: list[Layer], fn: Callable[[Layer, torch.Tensor], R]
                    ) -> Iterator[tuple[Layer, list[R]]]:

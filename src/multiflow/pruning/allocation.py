@@ -19,7 +19,6 @@ at the scores (`--method`'s, any of `scores.SCORES`; wanda's for sparsegpt) inst
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
@@ -48,11 +47,7 @@ def score_counts(inventory: Inventory, score: ScoreFn, target: float, progress: 
             yield by_name[layer.name], normalised(score(layer, weight))
 
     original = {l.name: l for l in inventory.layers}
-    # no model_path: Step 1 would otherwise read the checkpoint's weights in pieces (Inventory.map_pieces), not
-    # these scores, and plan the magnitude map (`modality`) under the name `scores`
-    as_scores = replace(inventory, layers=[replace(l, dtype=torch.float32) for l in inventory.layers], reader=reader,
-                        model_path=None)
-    dist = distribute(as_scores, [target], progress)[0]
+    dist = distribute(inventory.with_reader(reader, torch.float32), [target], progress)[0]
     return {name: share.pruned for name, share in dist.layers.items()}
 
 
